@@ -1,0 +1,189 @@
+r"""Pure math of variational linear maps: one function per gradient estimator.
+
+Every function takes the posterior's tensors of a mean-field Normal
+:math:`q(W) = \prod_{ij} \mathcal N(W_{ij};\, \mu_{ij}, \sigma_{ij}^2)` over weights of shape
+``(in_features, out_features)`` (``y = x @ W + b``) and an optional Normal bias, and returns one
+stochastic output whose per-example mean and variance are, for every estimator,
+
+.. math::
+    \mathbb E[y_n] = x_n \mu_W + \mu_b, \qquad
+    \operatorname{Var}[y_n] = x_n^{2} \sigma_W^{2} + \sigma_b^{2}.
+
+They differ in how the noise is shared between the examples of a batch, hence in the variance of
+the gradient: see ``docs/explanation.md``.
+
+Randomness comes only from ``generator`` (a :class:`torch.Generator` on the tensors' device) or,
+when it is ``None``, from torch's default generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "mean_linear",
+    "reparameterized_linear",
+    "local_reparameterized_linear",
+    "flipout_linear",
+    "inverse_softplus",
+    "ESTIMATORS",
+]
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    r"""Inverse of :func:`torch.nn.functional.softplus`, stable for small and large ``y > 0``.
+
+    .. math:: x = y + \log(-\operatorname{expm1}(-y)).
+    """
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight + bias`` with one fused call for the common 2-D case."""
+    if bias is not None and x.dim() == 2 and weight.dim() == 2:
+        return torch.addmm(bias, x, weight)
+    y = torch.matmul(x, weight)
+    return y if bias is None else y + bias
+
+
+def mean_linear(x: Tensor, w_loc: Tensor, b_loc: Tensor | None = None) -> Tensor:
+    """The posterior-mean map ``x @ w_loc + b_loc``: no noise, bit-identical to that expression."""
+    y = x @ w_loc
+    return y if b_loc is None else y + b_loc
+
+
+def reparameterized_linear(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Sample the weights once, :math:`W = \mu + \sigma \odot \epsilon`, and apply them.
+
+    The seed's estimator (Kingma & Welling 2014; Blundell et al. 2015): one weight sample is shared
+    by every example in the batch, so the per-example noise is correlated across the batch.
+
+    Args:
+        x: input, ``(*, in_features)``.
+        w_loc, w_scale: weight posterior mean and std, ``(in_features, out_features)``.
+        b_loc, b_scale: bias posterior mean and std, ``(out_features,)``, or ``None``.
+        generator: source of the noise.
+        num_weight_samples: if given as ``S``, ``x`` has a leading sample dimension ``S`` and each
+            slice ``x[s]`` gets its own independent weight sample (one batched matmul).
+
+    Shape:
+        Output: ``(*, out_features)``.
+    """
+    if num_weight_samples is None:
+        eps = torch.randn(w_loc.shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
+        weight = torch.addcmul(w_loc, w_scale, eps)
+        bias = None
+        if b_loc is not None:
+            assert b_scale is not None
+            eps_b = torch.randn(
+                b_loc.shape, generator=generator, device=b_loc.device, dtype=b_loc.dtype
+            )
+            bias = torch.addcmul(b_loc, b_scale, eps_b)
+        return _affine(x, weight, bias)
+
+    s = num_weight_samples
+    in_features, out_features = w_loc.shape
+    shape = (s, in_features, out_features)
+    eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
+    weight = torch.addcmul(w_loc, w_scale, eps)
+    flat = x.reshape(s, -1, in_features)
+    y = torch.bmm(flat, weight.to(flat.dtype) if flat.dtype != weight.dtype else weight)
+    if b_loc is not None:
+        assert b_scale is not None
+        eps_b = torch.randn(
+            (s, 1, out_features), generator=generator, device=b_loc.device, dtype=b_loc.dtype
+        )
+        y = y + torch.addcmul(b_loc, b_scale, eps_b)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def local_reparameterized_linear(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Local reparameterization (Kingma, Salimans & Welling 2015): sample the pre-activations.
+
+    Under a mean-field Normal posterior the output of each example is Normal with the moments in
+    the module docstring, so it is sampled directly, independently for every example:
+
+    .. math:: y_n = x_n\mu_W + \mu_b + \sqrt{x_n^2\sigma_W^2 + \sigma_b^2}\odot\epsilon_n .
+
+    Draws ``batch x out_features`` normals instead of ``in x out``, at the cost of a second GEMM.
+    Per-example noise is independent, so ``num_weight_samples`` needs no special handling.
+    """
+    del num_weight_samples  # every example, hence every sample slice, gets its own noise
+    mean = _affine(x, w_loc, b_loc)
+    var = _affine(x * x, w_scale * w_scale, None if b_scale is None else b_scale * b_scale)
+    # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is zero anyway.
+    std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return torch.addcmul(mean, std, eps)
+
+
+def _random_signs(
+    shape: tuple[int, ...] | torch.Size,
+    generator: torch.Generator | None,
+    like: Tensor,
+) -> Tensor:
+    signs = torch.empty(shape, device=like.device, dtype=like.dtype)
+    return signs.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+
+
+def flipout_linear(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Flipout (Wen et al. 2018): one shared perturbation, decorrelated per example by signs.
+
+    With one draw :math:`\Delta W = \sigma_W \odot \epsilon` shared by the batch and random signs
+    :math:`r_n \in \{\pm1\}^{in}`, :math:`s_n \in \{\pm1\}^{out}` per example,
+
+    .. math:: y_n = x_n\mu_W + \mu_b + \big((x_n \odot r_n)\,\Delta W + \Delta b\big) \odot s_n .
+
+    Each example sees a weight perturbation :math:`\Delta W \odot r_n s_n^\top` with the same
+    marginal distribution as :math:`\Delta W`, but pairs of examples are (pseudo-)independent.
+    """
+    del num_weight_samples  # per-example perturbations already differ
+    mean = _affine(x, w_loc, b_loc)
+    eps = torch.randn(w_loc.shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
+    delta_w = w_scale * eps
+    sign_in = _random_signs(x.shape, generator, x)
+    sign_out = _random_signs(mean.shape, generator, mean)
+    delta_b = None
+    if b_loc is not None:
+        assert b_scale is not None
+        eps_b = torch.randn(
+            b_loc.shape, generator=generator, device=b_loc.device, dtype=b_loc.dtype
+        )
+        delta_b = b_scale * eps_b
+    perturbation = _affine(x * sign_in, delta_w, delta_b)
+    return torch.addcmul(mean, perturbation, sign_out)
+
+
+ESTIMATORS = {
+    "reparameterization": reparameterized_linear,
+    "local": local_reparameterized_linear,
+    "flipout": flipout_linear,
+}

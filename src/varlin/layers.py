@@ -1,0 +1,336 @@
+r"""Variational linear layers: the seed's ``LinearVariationalNormal`` and ``VariationalLinear``.
+
+Both layers hold a mean-field Normal posterior over weights ``W`` of shape
+``(in_features, out_features)`` and an optional bias, priors as buffers, and compute
+``y = x @ W + b`` with the weights drawn from the posterior by one of three estimators
+(:data:`varlin.functional.ESTIMATORS`). They differ only in what ``forward`` returns:
+
+- :class:`LinearVariationalNormal` (the seed's contract): ``y, kl = layer(x, kl_weight)``;
+- :class:`VariationalLinear`: ``y = layer(x)``, for ``nn.Sequential`` and converted models; the
+  KL of a whole model comes from :func:`kl_divergence`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from . import _validation as V
+from . import functional
+from . import priors as _priors
+from .kl import distribution_kl, normal_kl
+from .posteriors import MeanFieldNormal
+
+__all__ = [
+    "BayesianLinearBase",
+    "LinearVariationalNormal",
+    "VariationalLinear",
+    "Estimator",
+    "kl_divergence",
+    "deterministic",
+    "variational_layers",
+]
+
+Estimator = Literal["reparameterization", "local", "flipout"]
+_ESTIMATORS: tuple[str, ...] = tuple(functional.ESTIMATORS)
+
+
+class BayesianLinearBase(nn.Module):
+    r"""Shared machinery of the variational linear layers (not used directly).
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: if ``False``, the layer has no bias (``bias_posterior()`` returns ``None``).
+        make_weights_prior: callable ``(in_features, out_features) -> Distribution`` with a batch
+            shape that broadcasts to ``(in_features, out_features)``; default
+            ``varlin.priors.normal(1.0)``, the seed's standard Normal.
+        make_bias_prior: callable ``(out_features,) -> Distribution``; default standard Normal.
+        estimator: ``"reparameterization"`` (one weight sample per call, the seed's),
+            ``"local"`` (local reparameterization) or ``"flipout"``.
+        init_scale: initial posterior standard deviation of every weight and bias (> 0). Small,
+            so that a fresh network computes close to its mean and trains like ``nn.Linear``.
+        generator: a :class:`torch.Generator` on the layer's device that all noise is drawn from;
+            ``None`` uses torch's default generator.
+        device, dtype: factory keyword arguments, as for :class:`torch.nn.Linear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        make_weights_prior: Any = None,
+        make_bias_prior: Any = None,
+        *,
+        estimator: Estimator = "reparameterization",
+        init_scale: float = 1e-2,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        V.unknown_kwargs(type(self).__name__, kwargs)
+        self.in_features = V.positive_int("in_features", in_features)
+        self.out_features = V.positive_int("out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {V.describe(bias)}")
+        self.estimator: str = V.one_of("estimator", estimator, _ESTIMATORS)
+        init_scale = V.real("init_scale", init_scale, min_value=0.0, strict=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {V.describe(generator)}"
+            )
+        self.generator = generator
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+
+        shape_w = (self.in_features, self.out_features)
+        self.w_posterior = MeanFieldNormal(shape_w, init_scale=init_scale, **factory)
+        self.w_prior = _priors.build(
+            make_weights_prior if make_weights_prior is not None else _priors.normal(),
+            shape_w,
+            name="make_weights_prior",
+            **factory,
+        )
+        self.w_prior.check_like(self.w_posterior.loc, name="make_weights_prior")
+        self.b_posterior: MeanFieldNormal | None
+        self.b_prior: _priors.Prior | None
+        if bias:
+            shape_b = (self.out_features,)
+            self.b_posterior = MeanFieldNormal(shape_b, init_scale=init_scale, **factory)
+            self.b_prior = _priors.build(
+                make_bias_prior if make_bias_prior is not None else _priors.normal(),
+                shape_b,
+                name="make_bias_prior",
+                **factory,
+            )
+            self.b_prior.check_like(self.b_posterior.loc, name="make_bias_prior")
+        else:
+            if make_bias_prior is not None:
+                raise ValueError("make_bias_prior was given but bias=False; drop one of them")
+            self.register_module("b_posterior", None)
+            self.register_module("b_prior", None)
+        # Sampling state, changed only by the context managers below and restored by them.
+        self._use_mean = False
+        self._num_weight_samples: int | None = None
+        self.reset_parameters()
+
+    # -- parameters -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Means as ``nn.Linear`` initialises them (U(±1/sqrt(in))); scales to ``init_scale``."""
+        self.w_posterior.reset_parameters(self.generator)
+        if self.b_posterior is not None:
+            # nn.Linear draws the bias from the same bound as the weight: fan_in = in_features.
+            bound = 1.0 / self.in_features**0.5
+            with torch.no_grad():
+                self.b_posterior.loc.uniform_(-bound, bound, generator=self.generator)
+            self.b_posterior.reset_scale()
+
+    @property
+    def w_loc(self) -> Tensor:
+        """The seed's name for the weight posterior mean."""
+        return self.w_posterior.loc
+
+    @property
+    def w_scale(self) -> Tensor:
+        """The seed's name for the weight posterior standard deviation (softplus of raw_scale)."""
+        return self.w_posterior.scale
+
+    @property
+    def b_loc(self) -> Tensor | None:
+        return None if self.b_posterior is None else self.b_posterior.loc
+
+    @property
+    def b_scale(self) -> Tensor | None:
+        return None if self.b_posterior is None else self.b_posterior.scale
+
+    # -- distributions ----------------------------------------------------------------------
+    def weight_posterior(self) -> Normal:
+        """:math:`q(W)`, a Normal with batch shape ``(in_features, out_features)``."""
+        return self.w_posterior()
+
+    def bias_posterior(self) -> Normal | None:
+        """:math:`q(b)`, a Normal with batch shape ``(out_features,)``, or ``None`` without bias."""
+        return None if self.b_posterior is None else self.b_posterior()
+
+    def weight_prior(self) -> Distribution:
+        """:math:`p(W)`, expanded to batch shape ``(in_features, out_features)``."""
+        return self.w_prior()
+
+    def bias_prior(self) -> Distribution | None:
+        return None if self.b_prior is None else self.b_prior()
+
+    # -- KL ---------------------------------------------------------------------------------
+    @staticmethod
+    def _kl_sum(q: MeanFieldNormal, p: _priors.Prior, generator: torch.Generator | None) -> Tensor:
+        if p.distribution_type is Normal:
+            # Fast path: the prior's (possibly scalar) buffers, no distribution objects.
+            return normal_kl(q.loc, q.scale, p.get_buffer("loc"), p.get_buffer("scale")).sum()
+        return distribution_kl(q(), p(), generator=generator).sum()
+
+    def kl_divergence(self) -> Tensor:
+        r""":math:`KL(q(W)\|p(W)) + KL(q(b)\|p(b))`, summed over all entries, unweighted (0-dim)."""
+        kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator)
+        if self.b_posterior is not None and self.b_prior is not None:
+            kl = kl + self._kl_sum(self.b_posterior, self.b_prior, self.generator)
+        return kl
+
+    # -- forward ----------------------------------------------------------------------------
+    def _output(self, x: Tensor) -> Tensor:
+        V.floating_tensor("x", x)
+        V.last_dim("x", x, self.in_features, "in_features")
+        w_loc = self.w_posterior.loc
+        if x.dtype != w_loc.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the layer's parameters are {w_loc.dtype}; "
+                f"convert one of them (x.to({w_loc.dtype}) or layer.to({x.dtype}))"
+            )
+        if V.is_validating():
+            V.check_finite("x", x)
+        b = self.b_posterior
+        if self._use_mean:
+            return functional.mean_linear(x, w_loc, None if b is None else b.loc)
+        estimate = functional.ESTIMATORS[self.estimator]
+        return estimate(
+            x,
+            w_loc,
+            F.softplus(self.w_posterior.raw_scale),
+            None if b is None else b.loc,
+            None if b is None else F.softplus(b.raw_scale),
+            generator=self.generator,
+            num_weight_samples=self._num_weight_samples,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.b_posterior is not None}, estimator={self.estimator!r}"
+        )
+
+
+class LinearVariationalNormal(BayesianLinearBase):
+    r"""Linear layer with a mean-field Normal posterior over weights and bias (the seed's layer).
+
+    .. math::
+        y = xW + b,\quad W_{ij}\sim\mathcal N(\mu_{ij},\sigma_{ij}^2),\;
+        b_j \sim \mathcal N(\mu_j, \sigma_j^2),\quad
+        \sigma = \operatorname{softplus}(\rho).
+
+    Args: see :class:`BayesianLinearBase` (same constructor, the seed's positional order).
+
+    Shape:
+        - Input: ``(*, in_features)``.
+        - Output: ``(y, kl)`` with ``y`` of shape ``(*, out_features)`` and ``kl`` 0-dim.
+
+    Example:
+        >>> layer = LinearVariationalNormal(3, 2)
+        >>> y, kl = layer(torch.randn(5, 3), kl_weight=1.0)
+        >>> y.shape, kl.shape
+        (torch.Size([5, 2]), torch.Size([]))
+    """
+
+    def forward(self, x: Tensor, kl_weight: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+        """Return a stochastic output and ``kl_weight * (KL(q_w||p_w) + KL(q_b||p_b))``.
+
+        The same ``kl_weight`` multiplies the weight and the bias terms. Pass ``1/num_data``
+        (or use :class:`varlin.ELBO`) to train on minibatches.
+        """
+        if isinstance(kl_weight, Tensor):
+            if kl_weight.dim() != 0 or not kl_weight.is_floating_point():
+                raise ValueError(
+                    f"kl_weight must be a number or a 0-dim floating tensor, got "
+                    f"{V.describe(kl_weight)}"
+                )
+            if V.is_validating():
+                V.real("kl_weight", kl_weight, min_value=0.0)
+        else:
+            kl_weight = V.real("kl_weight", kl_weight, min_value=0.0)
+        return self._output(x), kl_weight * self.kl_divergence()
+
+
+class VariationalLinear(BayesianLinearBase):
+    """Drop-in variational ``nn.Linear``: ``forward(x)`` returns only ``y``.
+
+    Use it inside ``nn.Sequential`` or converted models; take the model's KL with
+    :func:`varlin.kl_divergence`. Same constructor as :class:`LinearVariationalNormal`.
+
+    Shape:
+        - Input: ``(*, in_features)``. Output: ``(*, out_features)``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._output(x)
+
+
+def variational_layers(model: nn.Module) -> Iterator[BayesianLinearBase]:
+    """Every variational linear layer of ``model`` (itself included), in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, BayesianLinearBase):
+            yield module
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """Sum of the (unweighted) KL divergences of every variational layer in ``model`` (0-dim).
+
+    A model with no variational layer has KL 0.
+    """
+    total: Tensor | None = None
+    for layer in variational_layers(model):
+        kl = layer.kl_divergence()
+        total = kl if total is None else total + kl
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return total
+
+
+@contextlib.contextmanager
+def _set_layers(model: nn.Module, **state: Any) -> Iterator[list[BayesianLinearBase]]:
+    layers = list(variational_layers(model))
+    saved = [{k: getattr(layer, k) for k in state} for layer in layers]
+    try:
+        for layer in layers:
+            for key, value in state.items():
+                setattr(layer, key, value)
+        yield layers
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            for key, value in old.items():
+                setattr(layer, key, value)
+
+
+@contextlib.contextmanager
+def deterministic(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every variational layer of ``model`` uses its posterior mean.
+
+    No noise is drawn; each layer computes exactly ``x @ loc_w + loc_b``. On exit the layers
+    sample again, whatever their ``train()``/``eval()`` mode: sampling is never tied to it.
+
+    Example:
+        >>> with varlin.deterministic(model):
+        ...     y_mean = model(x)
+    """
+    with _set_layers(model, _use_mean=True):
+        yield model
+
+
+@contextlib.contextmanager
+def weight_samples(model: nn.Module, num_samples: int) -> Iterator[nn.Module]:
+    """Inside the block, inputs carry a leading dimension of ``num_samples`` independent draws.
+
+    Every slice ``x[s]`` is pushed through its own posterior sample: the reparameterization
+    estimator draws ``num_samples`` weight matrices for one batched matmul; the local and flipout
+    estimators draw per-example noise anyway. Used by :func:`varlin.predict`.
+    """
+    num_samples = V.positive_int("num_samples", num_samples)
+    with _set_layers(model, _num_weight_samples=num_samples):
+        yield model

@@ -1,0 +1,269 @@
+r"""Priors: any torch distribution, held as module buffers; factories for the seed's callables.
+
+The seed builds priors with factory callables, ``make_weights_prior(in_features, out_features)``
+and ``make_bias_prior(out_features)``, returning a :class:`torch.distributions.Distribution`.
+:class:`Prior` keeps every tensor of the returned distribution (nested ones included) as a
+*buffer*, so the prior follows ``.to()``, ``.double()``, ``.half()`` and ``state_dict()``, and
+rebuilds the distribution from those buffers when called.
+
+Factories in this module (:func:`normal`, :func:`laplace`, :func:`scale_mixture`) make priors
+whose parameters are scalars broadcast over the weights: a default-prior layer stores two
+numbers, not two more weight-sized tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Laplace, Normal, constraints
+
+from . import _validation as V
+
+__all__ = [
+    "Prior",
+    "ScaleMixtureNormal",
+    "PriorFactory",
+    "normal",
+    "laplace",
+    "scale_mixture",
+]
+
+_SEP = "__"  # buffer names cannot hold "."; nested attributes are joined with this
+
+
+def _tensor_slots(obj: Distribution, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """(buffer name, tensor) for every tensor reachable in ``obj.__dict__``, nested included."""
+    for key, value in vars(obj).items():
+        if isinstance(value, Tensor):
+            yield prefix + key.lstrip("_"), value
+        elif isinstance(value, Distribution):
+            yield from _tensor_slots(value, prefix + key + _SEP)
+
+
+def _strip(obj: Distribution) -> Distribution:
+    """A shallow copy of ``obj`` with every tensor (nested ones too) replaced by ``None``."""
+    new = copy.copy(obj)
+    for key, value in vars(obj).items():
+        if isinstance(value, Tensor):
+            new.__dict__[key] = None
+        elif isinstance(value, Distribution):
+            new.__dict__[key] = _strip(value)
+    return new
+
+
+class ScaleMixtureNormal(Distribution):
+    r"""Blundell et al. (2015) scale-mixture prior, elementwise:
+
+    .. math::
+        p(w) = \pi\,\mathcal N(w; 0, \sigma_1^2) + (1-\pi)\,\mathcal N(w; 0, \sigma_2^2).
+
+    A heavy-tailed, spike-and-slab-like prior with no closed-form KL against a Normal; varlin's KL
+    falls back to its Monte Carlo estimate for it.
+
+    Args:
+        mixing: weight :math:`\pi` of the first component, in (0, 1).
+        scale1, scale2: the components' standard deviations (> 0).
+    """
+
+    arg_constraints = {
+        "mixing": constraints.unit_interval,
+        "scale1": constraints.positive,
+        "scale2": constraints.positive,
+    }
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(
+        self,
+        mixing: Tensor | float,
+        scale1: Tensor | float,
+        scale2: Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.mixing, self.scale1, self.scale2 = torch.distributions.utils.broadcast_all(
+            mixing, scale1, scale2
+        )
+        super().__init__(self.mixing.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> ScaleMixtureNormal:
+        shape = torch.Size(batch_shape)
+        return ScaleMixtureNormal(
+            self.mixing.expand(shape), self.scale1.expand(shape), self.scale2.expand(shape)
+        )
+
+    @property
+    def mean(self) -> Tensor:
+        return torch.zeros_like(self.mixing)
+
+    @property
+    def variance(self) -> Tensor:
+        return self.mixing * self.scale1**2 + (1 - self.mixing) * self.scale2**2
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        lp1 = Normal(0.0, self.scale1, validate_args=False).log_prob(value)
+        lp2 = Normal(0.0, self.scale2, validate_args=False).log_prob(value)
+        return torch.logaddexp(torch.log(self.mixing) + lp1, torch.log1p(-self.mixing) + lp2)
+
+    def sample(self, sample_shape: Any = ()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            pick = torch.bernoulli(self.mixing.expand(shape))
+            scale = torch.where(pick.bool(), self.scale1.expand(shape), self.scale2.expand(shape))
+            return torch.randn(shape, dtype=scale.dtype, device=scale.device) * scale
+
+
+class Prior(nn.Module):
+    """Holds a distribution's tensors as buffers and rebuilds the distribution on call.
+
+    Args:
+        distribution: any :class:`torch.distributions.Distribution` with an empty event shape
+            (an elementwise prior); its batch shape must broadcast to ``shape``.
+        shape: the shape of the parameter tensor the prior is over.
+        name: the argument name used in error messages.
+
+    Calling the module returns the distribution expanded to ``shape`` (a view, no copy).
+    """
+
+    def __init__(self, distribution: Any, shape: tuple[int, ...], *, name: str = "prior") -> None:
+        super().__init__()
+        if not isinstance(distribution, Distribution):
+            raise TypeError(
+                f"{name} must return a torch.distributions.Distribution, got "
+                f"{type(distribution).__name__}"
+            )
+        if distribution.event_shape != torch.Size():
+            raise ValueError(
+                f"{name} must return an elementwise distribution (event_shape ()), got "
+                f"{type(distribution).__name__} with event_shape "
+                f"{tuple(distribution.event_shape)}"
+            )
+        batch = tuple(distribution.batch_shape)
+        try:
+            broadcast = tuple(torch.broadcast_shapes(batch, shape))
+        except RuntimeError:
+            broadcast = None
+        if broadcast != tuple(shape):
+            raise ValueError(
+                f"{name} must return a distribution whose batch_shape broadcasts to "
+                f"{tuple(shape)}, got batch_shape {batch}"
+            )
+        self.shape = tuple(shape)
+        for buffer_name, tensor in _tensor_slots(distribution):
+            self.register_buffer(buffer_name, tensor.detach().clone())
+        # The template keeps the distribution's structure only; its tensors live in the buffers.
+        self._template = _strip(distribution)
+
+    @property
+    def distribution_type(self) -> type[Distribution]:
+        return type(self._template)
+
+    def check_like(self, reference: Tensor, *, name: str) -> None:
+        """Raise if a floating buffer differs from ``reference`` in device or dtype."""
+        for buffer_name, buffer in self.named_buffers():
+            if not buffer.is_floating_point():
+                continue
+            if buffer.device != reference.device or buffer.dtype != reference.dtype:
+                raise ValueError(
+                    f"{name} returned a {type(self._template).__name__} whose {buffer_name} is "
+                    f"{buffer.dtype} on {buffer.device}, but the layer's parameters are "
+                    f"{reference.dtype} on {reference.device}; build the prior's tensors with "
+                    "the layer's dtype and device"
+                )
+
+    def _rebuild(self, obj: Distribution, prefix: str) -> Distribution:
+        new = copy.copy(obj)
+        for key, value in vars(obj).items():
+            buffer_name = prefix + key.lstrip("_")
+            if value is None and buffer_name in self._buffers:
+                new.__dict__[key] = self._buffers[buffer_name]
+            elif isinstance(value, Distribution):
+                new.__dict__[key] = self._rebuild(value, prefix + key + _SEP)
+        return new
+
+    def forward(self) -> Distribution:
+        dist = self._rebuild(self._template, "")
+        if tuple(dist.batch_shape) != self.shape:
+            dist = dist.expand(self.shape)
+        return dist
+
+    def extra_repr(self) -> str:
+        params = ", ".join(
+            f"{k}={v.item():g}" if v.numel() == 1 else f"{k}={tuple(v.shape)}"
+            for k, v in self.named_buffers()
+        )
+        return f"{type(self._template).__name__}({params}), shape={self.shape}"
+
+
+PriorFactory = Callable[..., Distribution]
+
+
+class _ScalarFactory:
+    """A picklable factory ``(*shape, device=None, dtype=None) -> Distribution`` of scalars."""
+
+    def __init__(self, kind: type[Distribution], **params: float) -> None:
+        self.kind = kind
+        self.params = params
+
+    def __call__(
+        self,
+        *shape: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Distribution:
+        dtype = dtype or torch.get_default_dtype()
+        tensors = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in self.params.items()}
+        return self.kind(**tensors, validate_args=False)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        return f"{self.kind.__name__}({args})"
+
+
+def normal(scale: float = 1.0, loc: float = 0.0) -> _ScalarFactory:
+    """Factory of an elementwise :math:`\\mathcal N(loc, scale^2)` prior (the default, N(0, 1))."""
+    scale = V.real("scale", scale, min_value=0.0, strict=True)
+    loc = V.real("loc", loc)
+    return _ScalarFactory(Normal, loc=loc, scale=scale)
+
+
+def laplace(scale: float = 1.0, loc: float = 0.0) -> _ScalarFactory:
+    """Factory of an elementwise Laplace prior (sparsity-inducing; KL by Monte Carlo)."""
+    scale = V.real("scale", scale, min_value=0.0, strict=True)
+    loc = V.real("loc", loc)
+    return _ScalarFactory(Laplace, loc=loc, scale=scale)
+
+
+def scale_mixture(
+    mixing: float = 0.5, scale1: float = 1.0, scale2: float = math.exp(-6)
+) -> _ScalarFactory:
+    """Factory of Blundell et al.'s (2015) :class:`ScaleMixtureNormal` prior."""
+    mixing = V.real("mixing", mixing)
+    if not 0.0 < mixing < 1.0:
+        raise ValueError(f"mixing must be in (0, 1), got {mixing}")
+    scale1 = V.real("scale1", scale1, min_value=0.0, strict=True)
+    scale2 = V.real("scale2", scale2, min_value=0.0, strict=True)
+    return _ScalarFactory(ScaleMixtureNormal, mixing=mixing, scale1=scale1, scale2=scale2)
+
+
+def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype: Any) -> Prior:
+    """Call a prior factory with the seed's signature and wrap the result as a :class:`Prior`.
+
+    varlin's own factories are also told the layer's device and dtype; a user's callable gets
+    only the shape, as in the seed, and must build its tensors to match the layer.
+    """
+    if not callable(factory):
+        raise TypeError(
+            f"{name} must be callable (shape -> Distribution), got {V.describe(factory)}"
+        )
+    if isinstance(factory, _ScalarFactory):
+        dist = factory(*shape, device=device, dtype=dtype)
+    else:
+        dist = factory(*shape)
+    return Prior(dist, shape, name=name)
