@@ -4,9 +4,10 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, functional, kl, posteriors, priors
+from . import conjugate, functional, kl, likelihoods, metrics, posteriors, priors
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
+from .elbo import ELBO, ELBOTerms
 from .layers import (
     LinearVariationalNormal,
     VariationalLinear,
@@ -15,11 +16,22 @@ from .layers import (
     variational_layers,
 )
 from .posteriors import MeanFieldNormal
+from .predictive import ClassificationPrediction, RegressionPrediction, predict
+from .training import History, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BayesianLinearRegression",
+    "ClassificationPrediction",
+    "ELBO",
+    "ELBOTerms",
+    "History",
+    "RegressionPrediction",
+    "fit",
+    "likelihoods",
+    "metrics",
+    "predict",
     "LinearVariationalNormal",
     "MeanFieldNormal",
     "VariationalLinear",
