@@ -183,6 +183,22 @@ class BayesianLinearBase(nn.Module):
         return kl
 
     # -- forward ----------------------------------------------------------------------------
+    def output_moments(self, x: Tensor) -> Normal:
+        r"""The exact distribution of this layer's output for a fixed input, per example.
+
+        :math:`\mathcal N(x\mu_W + \mu_b,\; x^2\sigma_W^2 + \sigma_b^2)`: what the local
+        reparameterization samples from; feeds closed-form expected log-likelihoods and
+        predictives (:class:`varlin.likelihoods.Gaussian`).
+        """
+        V.floating_tensor("x", x)
+        V.last_dim("x", x, self.in_features, "in_features")
+        b = self.b_posterior
+        mean = functional.mean_linear(x, self.w_posterior.loc, None if b is None else b.loc)
+        var = (x * x) @ self.w_scale.square()
+        if b is not None:
+            var = var + b.scale.square()
+        return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), validate_args=False)
+
     def _output(self, x: Tensor) -> Tensor:
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
