@@ -129,9 +129,17 @@ def local_reparameterized_linear(
     """
     del num_weight_samples  # every example, hence every sample slice, gets its own noise
     mean = _affine(x, w_loc, b_loc)
-    var = _affine(x * x, w_scale * w_scale, None if b_scale is None else b_scale * b_scale)
-    # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is zero anyway.
-    std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+    b_var = None if b_scale is None else b_scale * b_scale
+    if torch.is_autocast_enabled(x.device.type):
+        # x**2 overflows float16 for |x| > 256: the variance path stays in full precision.
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(w_scale.dtype)
+            var = _affine(xf * xf, w_scale * w_scale, b_var)
+            std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)).to(mean.dtype)
+    else:
+        var = _affine(x * x, w_scale * w_scale, b_var)
+        # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is 0 anyway.
+        std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return torch.addcmul(mean, std, eps)
 
