@@ -4,9 +4,10 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, functional, kl, likelihoods, metrics, posteriors, priors
+from . import conjugate, convert, functional, kl, likelihoods, metrics, posteriors, priors
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
+from .convert import bayesian_last_layer, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .layers import (
     LinearVariationalNormal,
@@ -32,10 +33,14 @@ __all__ = [
     "likelihoods",
     "metrics",
     "predict",
+    "to_variational",
+    "to_variational_",
     "LinearVariationalNormal",
     "MeanFieldNormal",
     "VariationalLinear",
+    "bayesian_last_layer",
     "conjugate",
+    "convert",
     "deterministic",
     "functional",
     "kl",
