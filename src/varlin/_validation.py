@@ -9,6 +9,7 @@ process-wide flag.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import math
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.distributions import constraints
 
 __all__ = ["validation", "is_validating"]
 
@@ -42,8 +44,19 @@ def validation(enabled: bool = True) -> Iterator[None]:
 
 
 def is_validating() -> bool:
-    """Whether value checks are on in the current context (see :func:`validation`)."""
+    """Whether value checks are on in the current context (see :func:`validation`).
+
+    Always ``False`` while ``torch.compile`` traces: dynamo cannot trace ``ContextVar.get``
+    (a graph break in every layer), and the value checks force a device sync anyway.
+    """
+    if _is_compiling():
+        return False
     return _VALIDATE.get()
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def describe(value: Any) -> str:
@@ -119,3 +132,110 @@ def unknown_kwargs(owner: str, kwargs: dict[str, Any]) -> None:
     if kwargs:
         names = ", ".join(sorted(kwargs))
         raise TypeError(f"{owner} got unexpected keyword argument(s): {names}")
+
+
+def integer(name: str, value: Any) -> int:
+    """A Python integer of any sign (a seed); ``bool`` and floats such as ``1.5`` are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {describe(value)}")
+    return int(value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """A ``bool`` flag; a truthy string such as ``"no"`` must not switch a flag on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+    return value
+
+
+def floating_dtype(name: str, value: Any) -> torch.dtype | None:
+    """``None`` or a real floating-point ``torch.dtype`` (parameters must be differentiable)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise TypeError(
+            f"{name} must be a torch.dtype such as torch.float32, got {describe(value)}"
+        )
+    if not value.is_floating_point:
+        raise TypeError(
+            f"{name} must be a real floating-point dtype (torch.float16, torch.bfloat16, "
+            f"torch.float32 or torch.float64), got {value}"
+        )
+    return value
+
+
+def same_dtype(name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+    """Raise if ``value`` and the layer's parameters ``reference`` differ in dtype.
+
+    Under autocast on ``value``'s device the mismatch is legal: autocast casts both.
+    """
+    if value.dtype == reference.dtype:
+        return
+    device_type = value.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return
+    raise TypeError(
+        f"{name} has dtype {value.dtype} but the layer's parameters are {reference.dtype}; "
+        f"convert one of them ({name}.to({reference.dtype}) or layer.to({value.dtype}))"
+    )
+
+
+def survives_cast(name: str, value: float, dtype: torch.dtype) -> None:
+    """Raise if the finite ``value`` becomes 0 or infinite once stored in ``dtype``.
+
+    A scale of ``1e-50`` is a legal positive float but 0 in float32: the KL becomes inf or NaN.
+    """
+    stored = float(torch.tensor(value, dtype=dtype))
+    if math.isfinite(stored) and (stored != 0.0 or value == 0.0):
+        return
+    finfo = torch.finfo(dtype)
+    raise ValueError(
+        f"{name}={value:g} is not representable in {dtype} (it becomes {stored:g}); use a "
+        f"magnitude between {finfo.tiny:g} and {finfo.max:g}, or a wider dtype"
+    )
+
+
+def real_support(name: str, distribution: Any) -> None:
+    """Raise if an elementwise prior's support is not the whole real line.
+
+    The posterior is a Normal, supported on all reals: against a prior on a smaller support
+    (Gamma, Categorical, Uniform) the KL is infinite or undefined.
+    """
+    support = getattr(distribution, "support", None)
+    if support is constraints.real or isinstance(support, type(constraints.real)):
+        return
+    raise ValueError(
+        f"{name} must return a distribution supported on the real line (the posterior is a "
+        f"Normal), got {type(distribution).__name__} with support {support}"
+    )
+
+
+_WEIGHTS_ONLY_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def weights_only_safe(name: str, value: Any) -> None:
+    """Raise ``TypeError`` if ``value`` holds what ``torch.load(weights_only=True)`` refuses.
+
+    Allowed: tensors, ``torch.Size``, ``torch.dtype``, ``torch.device``, Python scalars (exact
+    types: a ``numpy.float64`` is a ``float`` subclass that the loader refuses), and dicts,
+    lists, tuples and sets of them. Checked before a write, so a bad state never replaces a good
+    checkpoint.
+    """
+    if type(value) in _WEIGHTS_ONLY_SCALARS or isinstance(
+        value, (torch.Tensor, torch.Size, torch.dtype, torch.device)
+    ):
+        return
+    if isinstance(value, dict) and type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            weights_only_safe(f"{name} key {key!r}", key)
+            weights_only_safe(f"{name}[{key!r}]", item)
+        return
+    if type(value) in (list, tuple, set):
+        for index, item in enumerate(value):
+            weights_only_safe(f"{name}[{index}]", item)
+        return
+    raise TypeError(
+        f"{name} is a {type(value).__module__}.{type(value).__qualname__}, which "
+        "torch.load(weights_only=True) refuses; store tensors, Python numbers, strings and "
+        "dicts/lists of them"
+    )

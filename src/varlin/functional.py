@@ -18,6 +18,8 @@ when it is ``None``, from torch's default generator.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,37 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.addmm(bias, x, weight)
     y = torch.matmul(x, weight)
     return y if bias is None else y + bias
+
+
+class _ShiftScaled(torch.autograd.Function):
+    """``loc + scale * eps`` (``torch.addcmul``) for a constant ``eps`` of the same shape.
+
+    Autograd's addcmul backward forms ``eps * 1`` before multiplying by the gradient (two
+    weight-sized passes and a temporary); this one does ``grad * eps`` once and passes ``grad``
+    through to ``loc`` uncopied.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
+        ctx.save_for_backward(eps)
+        return torch.addcmul(loc, scale, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (eps,) = ctx.saved_tensors
+        grad_scale = grad * eps if ctx.needs_input_grad[1] else None
+        return grad, grad_scale, None
+
+
+def _shift_scaled(loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
+    """``torch.addcmul(loc, scale, eps)``, with the lean backward when shapes match."""
+    if (
+        torch.is_grad_enabled()
+        and (loc.requires_grad or scale.requires_grad)
+        and loc.shape == scale.shape == eps.shape
+    ):
+        return _ShiftScaled.apply(loc, scale, eps)
+    return torch.addcmul(loc, scale, eps)
 
 
 def mean_linear(x: Tensor, w_loc: Tensor, b_loc: Tensor | None = None) -> Tensor:
@@ -81,17 +114,23 @@ def reparameterized_linear(
     """
     if num_weight_samples is None:
         eps = torch.randn(w_loc.shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
-        weight = torch.addcmul(w_loc, w_scale, eps)
+        weight = _shift_scaled(w_loc, w_scale, eps)
         bias = None
         if b_loc is not None:
             assert b_scale is not None
             eps_b = torch.randn(
                 b_loc.shape, generator=generator, device=b_loc.device, dtype=b_loc.dtype
             )
-            bias = torch.addcmul(b_loc, b_scale, eps_b)
+            bias = _shift_scaled(b_loc, b_scale, eps_b)
         return _affine(x, weight, bias)
 
     s = num_weight_samples
+    if x.dim() < 2 or x.shape[0] != s:
+        # reshape(s, -1, in) would otherwise silently regroup examples across samples.
+        raise ValueError(
+            f"x must have a leading sample dimension num_weight_samples={s}, "
+            f"got shape {tuple(x.shape)}"
+        )
     in_features, out_features = w_loc.shape
     shape = (s, in_features, out_features)
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)

@@ -24,7 +24,7 @@ from torch.distributions import Distribution, Normal
 from . import _validation as V
 from . import functional
 from . import priors as _priors
-from .kl import distribution_kl, normal_kl
+from .kl import distribution_kl, normal_kl_sum
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -169,17 +169,35 @@ class BayesianLinearBase(nn.Module):
 
     # -- KL ---------------------------------------------------------------------------------
     @staticmethod
-    def _kl_sum(q: MeanFieldNormal, p: _priors.Prior, generator: torch.Generator | None) -> Tensor:
+    def _kl_sum(
+        q: MeanFieldNormal,
+        p: _priors.Prior,
+        generator: torch.Generator | None,
+        scale: Tensor | None = None,
+    ) -> Tensor:
+        # ``scale``: softplus(raw_scale) when the caller has it already (computed once per step).
+        scale = q.scale if scale is None else scale
         if p.distribution_type is Normal:
-            # Fast path: the prior's (possibly scalar) buffers, no distribution objects.
-            return normal_kl(q.loc, q.scale, p.get_buffer("loc"), p.get_buffer("scale")).sum()
-        return distribution_kl(q(), p(), generator=generator).sum()
+            # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
+            # closed-form backward.
+            return normal_kl_sum(q.loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
+        return distribution_kl(
+            Normal(q.loc, scale, validate_args=False), p(), generator=generator
+        ).sum()
 
     def kl_divergence(self) -> Tensor:
         r""":math:`KL(q(W)\|p(W)) + KL(q(b)\|p(b))`, summed over all entries, unweighted (0-dim)."""
-        kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator)
+        return self._kl_divergence(None, None)
+
+    def _scales(self) -> tuple[Tensor, Tensor | None]:
+        """``softplus(raw_scale)`` of the weight and the bias posteriors, once."""
+        b_scale = None if self.b_posterior is None else F.softplus(self.b_posterior.raw_scale)
+        return F.softplus(self.w_posterior.raw_scale), b_scale
+
+    def _kl_divergence(self, w_scale: Tensor | None, b_scale: Tensor | None) -> Tensor:
+        kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator, w_scale)
         if self.b_posterior is not None and self.b_prior is not None:
-            kl = kl + self._kl_sum(self.b_posterior, self.b_prior, self.generator)
+            kl = kl + self._kl_sum(self.b_posterior, self.b_prior, self.generator, b_scale)
         return kl
 
     # -- forward ----------------------------------------------------------------------------
@@ -199,7 +217,7 @@ class BayesianLinearBase(nn.Module):
             var = var + b.scale.square()
         return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), validate_args=False)
 
-    def _output(self, x: Tensor) -> Tensor:
+    def _output(self, x: Tensor, scales: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
         w_loc = self.w_posterior.loc
@@ -214,12 +232,13 @@ class BayesianLinearBase(nn.Module):
         if self._use_mean:
             return functional.mean_linear(x, w_loc, None if b is None else b.loc)
         estimate = functional.ESTIMATORS[self.estimator]
+        w_scale, b_scale = self._scales() if scales is None else scales
         return estimate(
             x,
             w_loc,
-            F.softplus(self.w_posterior.raw_scale),
+            w_scale,
             None if b is None else b.loc,
-            None if b is None else F.softplus(b.raw_scale),
+            b_scale,
             generator=self.generator,
             num_weight_samples=self._num_weight_samples,
         )
@@ -268,7 +287,10 @@ class LinearVariationalNormal(BayesianLinearBase):
                 V.real("kl_weight", kl_weight, min_value=0.0)
         else:
             kl_weight = V.real("kl_weight", kl_weight, min_value=0.0)
-        return self._output(x), kl_weight * self.kl_divergence()
+        # softplus once per step, shared by the sample and the KL (autograd adds both gradients
+        # before one softplus backward).
+        scales = self._scales()
+        return self._output(x, scales), kl_weight * self._kl_divergence(*scales)
 
 
 class VariationalLinear(BayesianLinearBase):

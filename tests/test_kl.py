@@ -1,0 +1,326 @@
+r"""Tests for varlin.kl and the layers' KL: closed forms, the Monte Carlo fallback, the sums.
+
+Closed forms are checked against torch's registry in float64. The Monte Carlo fallback
+:math:`\widehat{KL} = \log q(z) - \log p(z)`, :math:`z \sim q`, is checked for unbiasedness
+against the closed form it should estimate, with a tolerance from a stated failure rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import z_bound
+from torch import nn
+from torch.distributions import Distribution, Laplace, Normal, StudentT, constraints
+
+import varlin
+from varlin import priors
+from varlin.kl import distribution_kl, has_closed_form, normal_kl
+from varlin.priors import ScaleMixtureNormal
+
+
+class UnregisteredNormal(Distribution):
+    """A Normal that torch's KL registry does not know (not a subclass of ``Normal``).
+
+    Pairs with it have no closed form, so they exercise the Monte Carlo fallback on a pair whose
+    true KL is known.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, *, rsample: bool = True) -> None:
+        self.loc, self.scale = torch.distributions.utils.broadcast_all(loc, scale)
+        self.has_rsample = rsample
+        super().__init__(self.loc.shape, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return Normal(self.loc, self.scale, validate_args=False).log_prob(value)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        return Normal(self.loc, self.scale).rsample(sample_shape)
+
+
+# -- closed form -----------------------------------------------------------------------------
+
+
+def test_normal_kl_matches_torch_registry(float64: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    shape = (50, 7)
+    q_loc, p_loc = 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g)
+    q_scale = torch.exp(2 * torch.randn(shape, generator=g))
+    p_scale = torch.exp(2 * torch.randn(shape, generator=g))
+    ours = normal_kl(q_loc, q_scale, p_loc, p_scale)
+    theirs = torch.distributions.kl_divergence(Normal(q_loc, q_scale), Normal(p_loc, p_scale))
+    assert ours.shape == shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
+
+
+def test_normal_kl_broadcasts_scalar_prior(float64: torch.dtype) -> None:
+    q_loc, q_scale = torch.randn(4, 3), torch.rand(4, 3) + 0.1
+    ours = normal_kl(q_loc, q_scale, torch.tensor(0.5), torch.tensor(2.0))
+    theirs = torch.distributions.kl_divergence(Normal(q_loc, q_scale), Normal(0.5, 2.0))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_kl_is_zero_when_q_equals_p(dtype: torch.dtype) -> None:
+    loc = torch.randn(10, dtype=dtype)
+    scale = torch.logspace(-4, 4, 10, dtype=dtype)
+    assert torch.equal(normal_kl(loc, scale, loc, scale), torch.zeros(10, dtype=dtype))
+
+
+def test_normal_kl_never_negative_on_a_scale_grid_in_float32() -> None:
+    """Scales 1e-4..1e4 for both q and p, means equal or close: KL >= 0, finite, and accurate.
+
+    Near ``r = 1`` the terms ``r^2 - 1`` and ``2 log r`` cancel; rounding must neither make the
+    KL negative nor lose its accuracy against a float64 evaluation.
+    """
+    scales = torch.logspace(-4, 4, 41)
+    near_one = 1 + torch.tensor([-1e-6, -1e-7, 0.0, 1e-7, 1e-6])
+    q_scale = torch.cat([scales, near_one]).view(-1, 1, 1)
+    p_scale = torch.cat([scales, torch.ones(5)]).view(1, -1, 1)
+    delta = torch.tensor([0.0, 1e-6, 1e-3, 1.0]).view(1, 1, -1)
+    q_loc, p_loc = 0.3 + delta, torch.full_like(delta, 0.3)
+    kl = normal_kl(q_loc, q_scale, p_loc, p_scale)
+    assert kl.shape == (46, 46, 4)
+    assert (kl >= 0).all()
+    assert torch.isfinite(kl).all()
+    exact = normal_kl(q_loc.double(), q_scale.double(), p_loc.double(), p_scale.double())
+    torch.testing.assert_close(kl.double(), exact, rtol=1e-4, atol=1e-6)
+
+
+def test_distribution_kl_uses_closed_form_when_registered(float64: torch.dtype) -> None:
+    q = Normal(torch.randn(5), torch.rand(5) + 0.1)
+    for p in [Normal(torch.zeros(5), 2.0), Laplace(torch.zeros(5), 0.5)]:
+        assert has_closed_form(q, p)
+        kl = distribution_kl(q, p)
+        assert torch.equal(kl, distribution_kl(q, p))  # deterministic: no sampling
+        torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        UnregisteredNormal(torch.zeros(3), torch.ones(3)),
+        StudentT(3.0, torch.zeros(3), torch.ones(3)),
+        ScaleMixtureNormal(0.5, 1.0, 0.1).expand((3,)),
+    ],
+    ids=["UnregisteredNormal", "StudentT", "ScaleMixtureNormal"],
+)
+def test_has_closed_form_is_false_without_registry_entry(p: Distribution) -> None:
+    q = Normal(torch.zeros(3), torch.ones(3))
+    assert not has_closed_form(q, p)
+    with pytest.raises(NotImplementedError):
+        torch.distributions.kl_divergence(q, p)
+
+
+# -- Monte Carlo fallback --------------------------------------------------------------------
+
+#: Monte Carlo estimates averaged in the unbiasedness tests.
+NUM_MC = 100_000
+
+
+def _mc_variance(q_loc, q_scale, p_loc, p_scale):  # type: ignore[no-untyped-def]
+    r"""Exact variance of one estimate :math:`\log q(z) - \log p(z)` for two Normals.
+
+    With :math:`z = \mu_q + \sigma_q\epsilon`, :math:`r = \sigma_q/\sigma_p`,
+    :math:`\Delta = \mu_q - \mu_p`: the estimate is
+    :math:`c + \tfrac{r^2-1}{2}\epsilon^2 + \tfrac{\Delta\sigma_q}{\sigma_p^2}\epsilon`, and
+    :math:`\epsilon^2`, :math:`\epsilon` are uncorrelated with variances 2 and 1, so
+    :math:`\operatorname{Var} = (r^2-1)^2/2 + (\Delta\sigma_q/\sigma_p^2)^2`.
+    """
+    r = q_scale / p_scale
+    return (r**2 - 1) ** 2 / 2 + ((q_loc - p_loc) * q_scale / p_scale**2) ** 2
+
+
+@pytest.mark.parametrize("use_generator", [False, True], ids=["rsample", "generator"])
+def test_monte_carlo_fallback_is_unbiased(float64: torch.dtype, use_generator: bool) -> None:
+    r"""Mean of N = 100 000 one-sample estimates vs the closed form, for 4 (q, p) pairs.
+
+    The mean of N i.i.d. estimates has sd :math:`\sqrt{\operatorname{Var}/N}` with the exact
+    variance of :func:`_mc_variance`; by the CLT (the estimate is a quadratic in a Normal, so its
+    skewness is bounded and /sqrt(N) negligible) the bound z sd fails at a 1e-6 two-sided rate,
+    Bonferroni over the 4 pairs.
+    """
+    q_loc = torch.tensor([0.0, 1.0, -0.5, 2.0])
+    q_scale = torch.tensor([1.0, 0.5, 2.0, 0.1])
+    p_loc = torch.tensor([0.0, 0.0, 0.5, 1.0])
+    p_scale = torch.tensor([2.0, 1.0, 1.5, 0.3])
+    shape = (NUM_MC, 4)
+    q = Normal(q_loc.expand(shape), q_scale.expand(shape))
+    p = UnregisteredNormal(p_loc.expand(shape), p_scale.expand(shape))
+    generator = torch.Generator().manual_seed(3) if use_generator else None
+    estimates = distribution_kl(q, p, generator=generator)
+    assert estimates.shape == shape
+    exact = normal_kl(q_loc, q_scale, p_loc, p_scale)
+    sd_of_mean = torch.sqrt(_mc_variance(q_loc, q_scale, p_loc, p_scale) / NUM_MC)
+    assert ((estimates.mean(0) - exact).abs() <= z_bound(4) * sd_of_mean).all()
+    # And it is a Monte Carlo estimate: the individual estimates vary.
+    assert estimates.std(0).min() > 0
+
+
+def test_monte_carlo_fallback_is_differentiable(float64: torch.dtype) -> None:
+    loc = torch.tensor([0.3, -1.0], requires_grad=True)
+    scale = torch.tensor([0.5, 2.0], requires_grad=True)
+    kl = distribution_kl(Normal(loc, scale), UnregisteredNormal(torch.zeros(2), torch.ones(2)))
+    kl.sum().backward()
+    for leaf in (loc, scale):
+        assert leaf.grad is not None
+        assert torch.isfinite(leaf.grad).all() and (leaf.grad != 0).all()
+
+
+def test_monte_carlo_fallback_needs_rsample() -> None:
+    q = UnregisteredNormal(torch.zeros(3), torch.ones(3), rsample=False)
+    with pytest.raises(NotImplementedError, match="rsample"):
+        distribution_kl(q, StudentT(3.0, torch.zeros(3), torch.ones(3)))
+
+
+def _quadrature_kl(q_loc: float, q_scale: float, p: Distribution) -> float:
+    """KL(N(q_loc, q_scale^2) || p) by the trapezoid rule over q_loc +- 12 q_scale (float64)."""
+    z = torch.linspace(q_loc - 12 * q_scale, q_loc + 12 * q_scale, 40_001, dtype=torch.float64)
+    log_q = Normal(torch.tensor(q_loc, dtype=torch.float64), q_scale).log_prob(z)
+    integrand = log_q.exp() * (log_q - p.log_prob(z))
+    return float(torch.trapezoid(integrand, z))
+
+
+def test_scale_mixture_kl_monte_carlo_matches_quadrature(float64: torch.dtype) -> None:
+    """ScaleMixtureNormal has no closed form: the MC mean matches numerical integration.
+
+    N = 100 000 estimates per element; sd of the mean from the estimates' own sample sd (N large
+    enough that its error is negligible); z at a 1e-6 rate over 3 elements.
+    """
+    prior = ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
+    q_loc = torch.tensor([0.0, 0.05, 1.0])
+    q_scale = torch.tensor([0.01, 0.002, 0.3])
+    shape = (NUM_MC, 3)
+    q = Normal(q_loc.expand(shape), q_scale.expand(shape))
+    assert not has_closed_form(q, prior)
+    estimates = distribution_kl(q, prior.expand(shape), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(estimates).all()
+    exact = torch.tensor(
+        [_quadrature_kl(float(m), float(s), prior) for m, s in zip(q_loc, q_scale, strict=True)]
+    )
+    sd_of_mean = estimates.std(0) / math.sqrt(NUM_MC)
+    assert ((estimates.mean(0) - exact).abs() <= z_bound(3) * sd_of_mean).all()
+
+
+# -- the layers' KL --------------------------------------------------------------------------
+
+
+def _closed_form_sum(layer: varlin.LinearVariationalNormal) -> torch.Tensor:
+    """Second route: torch's registry on the layer's distributions, summed."""
+    total = torch.distributions.kl_divergence(layer.weight_posterior(), layer.weight_prior()).sum()
+    q_b, p_b = layer.bias_posterior(), layer.bias_prior()
+    if q_b is not None and p_b is not None:
+        total = total + torch.distributions.kl_divergence(q_b, p_b).sum()
+    return total
+
+
+def _randomise(layer: nn.Module) -> None:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "factories",
+    [
+        (None, None),
+        (priors.normal(0.5, 0.1), priors.normal(3.0)),
+        (priors.laplace(0.5), priors.laplace(1.0)),
+        (lambda i, o: Normal(torch.randn(i, o), torch.rand(i, o) + 0.5), None),
+    ],
+    ids=["default", "normal-factory", "laplace", "full-size-lambda"],
+)
+def test_layer_kl_equals_sum_of_closed_forms(float64: torch.dtype, factories, bias: bool) -> None:  # type: ignore[no-untyped-def]
+    make_w, make_b = factories
+    layer = varlin.LinearVariationalNormal(
+        3, 4, bias, make_w, make_b if bias else None, init_scale=0.3
+    )
+    _randomise(layer)
+    kl = layer.kl_divergence()
+    assert kl.shape == ()
+    torch.testing.assert_close(kl, _closed_form_sum(layer), rtol=1e-12, atol=0)
+    assert kl > 0
+
+
+def test_layer_kl_is_zero_when_posterior_equals_prior(float64: torch.dtype) -> None:
+    layer = varlin.LinearVariationalNormal(3, 4, make_weights_prior=priors.normal(0.7, 0.2))
+    with torch.no_grad():
+        layer.w_posterior.loc.fill_(0.2)
+        layer.w_posterior.reset_scale(0.7)
+        assert layer.b_posterior is not None
+        layer.b_posterior.loc.zero_()
+        layer.b_posterior.reset_scale(1.0)
+    torch.testing.assert_close(layer.kl_divergence(), torch.tensor(0.0), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.37, 1.0, 2.5, "tensor"])
+def test_returned_kl_is_weight_times_sum_of_both_terms(kl_weight: float | str) -> None:
+    """``kl == kl_weight * (KL_w.sum() + KL_b.sum())`` bit for bit, the weight on both terms."""
+    layer = varlin.LinearVariationalNormal(3, 4, init_scale=0.3)
+    _randomise(layer)
+    weight = torch.tensor(0.37) if kl_weight == "tensor" else kl_weight
+    _, kl = layer(torch.randn(2, 3), kl_weight=weight)
+    kl_w = normal_kl(layer.w_loc, layer.w_scale, torch.tensor(0.0), torch.tensor(1.0)).sum()
+    assert layer.b_loc is not None and layer.b_scale is not None
+    kl_b = normal_kl(layer.b_loc, layer.b_scale, torch.tensor(0.0), torch.tensor(1.0)).sum()
+    assert kl.shape == ()
+    assert torch.equal(kl, weight * (kl_w + kl_b))
+    assert kl_w > 0 and kl_b > 0
+
+
+def test_returned_kl_is_differentiable() -> None:
+    layer = varlin.LinearVariationalNormal(3, 4)
+    _, kl = layer(torch.randn(2, 3), kl_weight=0.5)
+    kl.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_model_kl_is_the_sum_of_layer_kls() -> None:
+    first, second = varlin.VariationalLinear(3, 5), varlin.VariationalLinear(5, 2, bias=False)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    _randomise(model)
+    total = varlin.kl_divergence(model)
+    assert total.shape == ()
+    assert torch.equal(total, first.kl_divergence() + second.kl_divergence())
+    # Nested containers and the seed layer count too; each layer once.
+    seed_layer = varlin.LinearVariationalNormal(2, 1)
+    outer = nn.ModuleDict({"body": model, "head": seed_layer})
+    torch.testing.assert_close(varlin.kl_divergence(outer), total + seed_layer.kl_divergence())
+    assert list(varlin.variational_layers(outer)) == [first, second, seed_layer]
+
+
+def test_model_without_variational_layers_has_zero_kl() -> None:
+    kl = varlin.kl_divergence(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+    assert kl.shape == () and kl == 0
+    with pytest.raises(TypeError, match="nn.Module"):
+        varlin.kl_divergence([varlin.VariationalLinear(2, 3)])  # type: ignore[arg-type]
+
+
+def test_scale_mixture_layer_kl_is_monte_carlo_and_finite() -> None:
+    layer = varlin.LinearVariationalNormal(
+        3, 4, make_weights_prior=priors.scale_mixture(), generator=torch.Generator().manual_seed(0)
+    )
+    assert not has_closed_form(layer.weight_posterior(), layer.weight_prior())
+    first, second = layer.kl_divergence(), layer.kl_divergence()
+    assert first.shape == ()
+    assert torch.isfinite(first) and torch.isfinite(second)
+    assert not torch.equal(first, second)  # a fresh Monte Carlo draw per call
+    # The layer's MC term is distribution_kl on its own distributions with its own generator.
+    assert layer.generator is not None
+    layer.generator.manual_seed(7)
+    ours = layer.kl_divergence()
+    g = torch.Generator().manual_seed(7)
+    q, p = layer.weight_posterior(), layer.weight_prior()
+    expected = distribution_kl(q, p, generator=g).sum()
+    assert layer.b_loc is not None and layer.b_scale is not None
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    expected = expected + normal_kl(layer.b_loc, layer.b_scale, zero, one).sum()
+    torch.testing.assert_close(ours, expected)

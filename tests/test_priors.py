@@ -1,0 +1,376 @@
+"""Tests for varlin.priors: priors as buffers, factories, validation, the scale-mixture prior."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import mean_tolerance, z_bound
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    Laplace,
+    LogNormal,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+    StudentT,
+)
+
+import varlin
+from varlin import priors
+from varlin.priors import Prior, ScaleMixtureNormal
+
+IN, OUT = 3, 4
+
+
+# -- factories used below, in the seed's style: plain callables of the shape ----------------
+
+
+def seed_weight_prior(in_: int, out_: int) -> Distribution:
+    """The seed's default weight prior, verbatim apart from the name."""
+    return Normal(loc=torch.zeros((in_, out_)), scale=torch.ones((in_, out_)))
+
+
+def seed_bias_prior(out_: int) -> Distribution:
+    return Normal(loc=torch.zeros(out_), scale=torch.ones(out_))
+
+
+def random_normal_prior(in_: int, out_: int) -> Distribution:
+    """Full-size prior with random values: a fresh layer gets different ones each time."""
+    return Normal(torch.randn(in_, out_), 0.5 + torch.rand(in_, out_))
+
+
+def random_mixture_prior(in_: int, out_: int) -> Distribution:
+    return ScaleMixtureNormal(
+        0.1 + 0.8 * torch.rand(in_, out_), 0.5 + torch.rand(in_, out_), 0.01 + torch.rand(())
+    )
+
+
+def random_bias_prior(out_: int) -> Distribution:
+    return Normal(torch.randn(out_), 0.5 + torch.rand(out_))
+
+
+FACTORY_CASES = {
+    "default": (None, None),
+    "seed-lambdas": (seed_weight_prior, seed_bias_prior),
+    "random-full-size": (random_normal_prior, random_bias_prior),
+    "scale-mixture-factory": (priors.scale_mixture(0.3, 2.0, 0.1), priors.normal(0.7, 0.2)),
+    "scale-mixture-full-size": (random_mixture_prior, random_bias_prior),
+    "laplace-factory": (priors.laplace(0.5), priors.laplace(2.0)),
+}
+
+
+def _layer(case: str, **kwargs: object) -> varlin.LinearVariationalNormal:
+    w, b = FACTORY_CASES[case]
+    return varlin.LinearVariationalNormal(IN, OUT, True, w, b, **kwargs)  # type: ignore[arg-type]
+
+
+def _prior_tensors(layer: varlin.LinearVariationalNormal) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in layer.state_dict().items() if "_prior." in k}
+
+
+# -- buffers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(FACTORY_CASES))
+def test_prior_tensors_are_buffers_in_state_dict(case: str) -> None:
+    layer = _layer(case)
+    buffers = dict(layer.named_buffers())
+    prior_tensors = _prior_tensors(layer)
+    assert prior_tensors, "the priors' tensors must appear in state_dict()"
+    assert any(k.startswith("w_prior.") for k in prior_tensors)
+    assert any(k.startswith("b_prior.") for k in prior_tensors)
+    assert set(prior_tensors) <= set(buffers)
+    # Buffers are not parameters: an optimiser never touches the prior.
+    assert not any("_prior." in name for name, _ in layer.named_parameters())
+
+
+@pytest.mark.parametrize("case", sorted(FACTORY_CASES))
+def test_priors_follow_double_and_half(case: str) -> None:
+    layer = _layer(case)
+    layer.double()
+    for name, tensor in _prior_tensors(layer).items():
+        assert tensor.dtype == torch.float64, name
+    w_prior, b_prior = layer.weight_prior(), layer.bias_prior()
+    assert b_prior is not None
+    assert w_prior.sample().dtype == torch.float64
+    assert w_prior.batch_shape == (IN, OUT) and b_prior.batch_shape == (OUT,)
+    y, kl = layer(torch.randn(5, IN, dtype=torch.float64))
+    assert y.dtype == kl.dtype == torch.float64
+    assert torch.isfinite(kl)
+    layer.half()
+    assert all(t.dtype == torch.float16 for t in _prior_tensors(layer).values())
+    layer.to(torch.float32)
+    assert all(t.dtype == torch.float32 for t in _prior_tensors(layer).values())
+    y, kl = layer(torch.randn(5, IN))
+    assert y.dtype == kl.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_priors_follow_to_device() -> None:
+    layer = _layer("random-full-size").to("cuda")
+    assert all(t.is_cuda for t in _prior_tensors(layer).values())
+    y, kl = layer(torch.randn(5, IN, device="cuda"))
+    assert y.is_cuda and kl.is_cuda
+
+
+@pytest.mark.parametrize("case", sorted(FACTORY_CASES))
+def test_state_dict_round_trip_is_exact(case: str) -> None:
+    """Load a trained-looking layer into a fresh one: every tensor, priors included, transfers."""
+    source = _layer(case)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+        for name, b in source.named_buffers():
+            # Perturb the prior too, within its constraints, so the round trip has to carry it.
+            if "mixing" in name:
+                b.mul_(0.9)
+            else:
+                b.mul_(1.5)
+    fresh = _layer(case)
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(source.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+    fresh.load_state_dict(source.state_dict())
+    assert source.state_dict().keys() == fresh.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    x = torch.randn(6, IN)
+    with varlin.deterministic(source), varlin.deterministic(fresh):
+        assert torch.equal(source(x)[0], fresh(x)[0])
+    if source.w_prior.distribution_type is not ScaleMixtureNormal:
+        # Closed-form KL: deterministic, so the two layers must agree exactly.
+        assert torch.equal(source.kl_divergence(), fresh.kl_divergence())
+    for a, b in [(source.weight_prior(), fresh.weight_prior())]:
+        for attr in vars(a):
+            if isinstance(getattr(a, attr), torch.Tensor):
+                assert torch.equal(getattr(a, attr), getattr(b, attr))
+
+
+def test_state_dict_round_trip_with_scale_mixture_kl_matches_under_same_generator() -> None:
+    """Monte Carlo KL: equal after the round trip when both layers draw the same noise."""
+    source = _layer("scale-mixture-full-size", generator=torch.Generator().manual_seed(5))
+    fresh = _layer("scale-mixture-full-size", generator=torch.Generator().manual_seed(5))
+    fresh.load_state_dict(source.state_dict())
+    assert source.generator is not None and fresh.generator is not None
+    source.generator.manual_seed(11)
+    fresh.generator.manual_seed(11)
+    assert torch.equal(source.kl_divergence(), fresh.kl_divergence())
+
+
+def test_default_prior_stores_scalars_not_weight_sized_tensors() -> None:
+    layer = varlin.LinearVariationalNormal(50, 40)
+    for name, tensor in _prior_tensors(layer).items():
+        assert tensor.dim() == 0, name
+    prior = layer.weight_prior()
+    assert isinstance(prior, Normal)
+    assert prior.batch_shape == (50, 40)
+    assert torch.equal(prior.loc, torch.zeros(50, 40)) and torch.equal(
+        prior.scale, torch.ones(50, 40)
+    )
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch_shape", [(), (OUT,), (1, OUT), (IN, 1), (IN, OUT)], ids=lambda s: str(s)
+)
+def test_broadcastable_batch_shape_is_accepted(batch_shape: tuple[int, ...]) -> None:
+    loc = torch.randn(batch_shape)
+    layer = varlin.LinearVariationalNormal(
+        IN, OUT, make_weights_prior=lambda i, o: Normal(loc, torch.ones(batch_shape))
+    )
+    prior = layer.weight_prior()
+    assert prior.batch_shape == (IN, OUT)
+    torch.testing.assert_close(prior.loc, loc.expand(IN, OUT))
+    expected = torch.distributions.kl_divergence(layer.weight_posterior(), prior).sum()
+    bias_prior, bias_q = layer.bias_prior(), layer.bias_posterior()
+    assert bias_prior is not None and bias_q is not None
+    expected = expected + torch.distributions.kl_divergence(bias_q, bias_prior).sum()
+    torch.testing.assert_close(layer.kl_divergence(), expected)
+
+
+@pytest.mark.parametrize("batch_shape", [(OUT, IN), (IN + 1, OUT), (2, IN, OUT), (IN,)])
+def test_wrong_batch_shape_raises_value_error(batch_shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"make_weights_prior.*batch_shape.*\(3, 4\)"):
+        varlin.LinearVariationalNormal(
+            IN, OUT, make_weights_prior=lambda i, o: Normal(torch.zeros(batch_shape), 1.0)
+        )
+
+
+def test_wrong_bias_batch_shape_raises_value_error() -> None:
+    with pytest.raises(ValueError, match=r"make_bias_prior.*batch_shape"):
+        varlin.LinearVariationalNormal(
+            IN, OUT, make_bias_prior=lambda o: Normal(torch.zeros(o + 1), 1.0)
+        )
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(IN, OUT), 1.0, None, "normal"])
+def test_factory_returning_non_distribution_raises_type_error(bad: object) -> None:
+    with pytest.raises(TypeError, match=r"make_weights_prior must return a torch\.distributions"):
+        varlin.LinearVariationalNormal(IN, OUT, make_weights_prior=lambda i, o: bad)
+
+
+def test_non_callable_factory_raises_type_error() -> None:
+    with pytest.raises(TypeError, match="make_bias_prior must be callable"):
+        varlin.LinearVariationalNormal(IN, OUT, make_bias_prior=Normal(0.0, 1.0))
+
+
+def test_non_elementwise_prior_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="event_shape"):
+        varlin.LinearVariationalNormal(
+            IN, OUT, make_weights_prior=lambda i, o: Independent(Normal(torch.zeros(i, o), 1.0), 1)
+        )
+    with pytest.raises(ValueError, match="event_shape"):
+        varlin.LinearVariationalNormal(
+            IN, OUT, make_bias_prior=lambda o: MultivariateNormal(torch.zeros(o), torch.eye(o))
+        )
+
+
+def test_wrong_dtype_raises_value_error() -> None:
+    """A user factory gets only the shape (the seed's signature); a float32 prior for a float64
+    layer is refused with a message naming both dtypes, not silently promoted."""
+    with pytest.raises(ValueError, match=r"make_weights_prior.*float32.*float64"):
+        varlin.LinearVariationalNormal(
+            IN, OUT, make_weights_prior=seed_weight_prior, dtype=torch.float64
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_varlin_factories_take_the_layer_dtype(dtype: torch.dtype) -> None:
+    layer = varlin.LinearVariationalNormal(
+        IN,
+        OUT,
+        make_weights_prior=priors.scale_mixture(),
+        make_bias_prior=priors.normal(2.0),
+        dtype=dtype,
+    )
+    assert all(t.dtype == dtype for t in _prior_tensors(layer).values())
+    assert layer.kl_divergence().dtype == dtype
+
+
+def test_bias_prior_without_bias_raises() -> None:
+    with pytest.raises(ValueError, match="bias=False"):
+        varlin.LinearVariationalNormal(IN, OUT, bias=False, make_bias_prior=seed_bias_prior)
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "match"),
+    [
+        (priors.normal, {"scale": 0.0}, "scale"),
+        (priors.normal, {"scale": -1.0}, "scale"),
+        (priors.laplace, {"scale": float("nan")}, "scale"),
+        (priors.scale_mixture, {"mixing": 1.0}, "mixing"),
+        (priors.scale_mixture, {"mixing": 0.0}, "mixing"),
+        (priors.scale_mixture, {"scale2": 0.0}, "scale2"),
+    ],
+)
+def test_factory_hyperparameters_are_validated(factory, kwargs, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
+
+
+def test_factories_are_picklable_and_repr() -> None:
+    import pickle
+
+    factory = priors.scale_mixture(0.25, 1.5, 0.01)
+    clone = pickle.loads(pickle.dumps(factory))
+    assert repr(clone) == repr(factory)
+    assert "ScaleMixtureNormal" in repr(factory) and "mixing=0.25" in repr(factory)
+
+
+# -- the Prior module on other distributions -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dist",
+    [
+        StudentT(torch.tensor(3.0), torch.zeros(OUT), torch.ones(OUT)),
+        Laplace(torch.zeros(IN, 1), torch.full((IN, 1), 0.5)),
+        LogNormal(torch.zeros(IN, OUT), torch.ones(IN, OUT)),  # nested: base_dist's tensors
+    ],
+    ids=["StudentT", "Laplace", "LogNormal-nested"],
+)
+def test_prior_module_rebuilds_any_distribution_from_buffers(dist: Distribution) -> None:
+    prior = Prior(dist, (IN, OUT), name="p")
+    value = torch.rand(IN, OUT) + 0.1
+    rebuilt = prior()
+    assert type(rebuilt) is type(dist)
+    assert rebuilt.batch_shape == (IN, OUT)
+    torch.testing.assert_close(rebuilt.log_prob(value), dist.expand((IN, OUT)).log_prob(value))
+    prior.double()
+    assert len(list(prior.buffers())) >= 2
+    assert all(b.dtype == torch.float64 for b in prior.buffers())
+    lp = prior().log_prob(value.double())
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp.float(), dist.expand((IN, OUT)).log_prob(value))
+
+
+def test_prior_extra_repr_names_the_distribution() -> None:
+    layer = varlin.LinearVariationalNormal(IN, OUT, make_weights_prior=priors.scale_mixture(0.5))
+    text = repr(layer.w_prior)
+    assert "ScaleMixtureNormal" in text and "mixing=0.5" in text and f"shape={(IN, OUT)}" in text
+
+
+# -- ScaleMixtureNormal ----------------------------------------------------------------------
+
+
+def test_scale_mixture_log_prob_matches_mixture_same_family(float64: torch.dtype) -> None:
+    """Second route: torch's MixtureSameFamily over two zero-mean Normals, per element."""
+    mixing = torch.tensor([0.5, 0.1, 0.9, 0.3])
+    scale1 = torch.tensor([1.0, 3.0, 0.5, 1.0])
+    scale2 = torch.tensor([math.exp(-6), 0.2, 0.05, 1.0])
+    ours = ScaleMixtureNormal(mixing, scale1, scale2)
+    reference = MixtureSameFamily(
+        Categorical(probs=torch.stack([mixing, 1 - mixing], -1)),
+        Normal(torch.zeros(4, 2), torch.stack([scale1, scale2], -1)),
+    )
+    values = torch.linspace(-8, 8, 161).unsqueeze(-1).expand(161, 4)
+    torch.testing.assert_close(
+        ours.log_prob(values), reference.log_prob(values), rtol=1e-12, atol=0
+    )
+    assert ours.batch_shape == (4,)
+    torch.testing.assert_close(ours.variance, reference.variance, rtol=1e-12, atol=0)
+    assert torch.equal(ours.mean, torch.zeros(4))
+
+
+def test_scale_mixture_sample_moments(float64: torch.dtype) -> None:
+    r"""N = 200 000 samples: mean and variance within failure-rate bounds of the closed form.
+
+    Mean: sd :math:`\sigma/\sqrt N` (CLT). Variance: the sample variance of a non-Gaussian
+    distribution has :math:`\operatorname{Var}(s^2) \approx (\mu_4 - \sigma^4)/N` with the
+    mixture's fourth moment :math:`\mu_4 = 3(\pi s_1^4 + (1-\pi)s_2^4)`; z at a 1e-6 two-sided
+    rate, Bonferroni over 2 x 2 entries.
+    """
+    n = 200_000
+    mixing = torch.tensor([0.5, 0.2])
+    s1 = torch.tensor([1.0, 2.0])
+    s2 = torch.tensor([0.3, 0.5])
+    dist = ScaleMixtureNormal(mixing, s1, s2)
+    samples = dist.sample((n,))
+    assert samples.shape == (n, 2)
+    var = dist.variance
+    mu4 = 3 * (mixing * s1**4 + (1 - mixing) * s2**4)
+    assert (samples.mean(0).abs() <= mean_tolerance(var, n, 4)).all()
+    var_tol = z_bound(4) * torch.sqrt((mu4 - var**2) / n)
+    assert ((samples.var(0) - var).abs() <= var_tol).all()
+
+
+def test_scale_mixture_expand_and_validation() -> None:
+    dist = ScaleMixtureNormal(0.5, torch.ones(OUT), 0.1)
+    assert dist.batch_shape == (OUT,)
+    expanded = dist.expand((IN, OUT))
+    assert expanded.batch_shape == (IN, OUT)
+    torch.testing.assert_close(
+        expanded.log_prob(torch.zeros(IN, OUT))[0], dist.log_prob(0.0 * torch.ones(OUT))
+    )
+    with pytest.raises(ValueError):
+        ScaleMixtureNormal(1.5, 1.0, 0.1, validate_args=True)
+    with pytest.raises(ValueError):
+        ScaleMixtureNormal(0.5, -1.0, 0.1, validate_args=True)
