@@ -230,11 +230,6 @@ def test_fit_runs_under_ddp_and_ranks_agree(results: Path) -> None:
         assert torch.equal(value, second["model"][name]), f"ranks differ in {name}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit does not all-reduce the likelihood's parameters (learned noise) under DDP, so "
-    "each rank steps its own noise scale; see the patch proposed for training.fit",
-)
 def test_fit_under_ddp_keeps_learned_noise_in_sync(results: Path) -> None:
     first, second = (_load(results, "_fit_one_epoch", f"fit-rank{r}.pt") for r in range(WORLD))
     for name, value in first["likelihood"].items():

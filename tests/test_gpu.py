@@ -117,16 +117,7 @@ def test_forward_kl_and_loss_make_no_host_sync(estimator: str, generator: bool) 
     "prior",
     [
         pytest.param(varlin.priors.laplace(0.5), id="laplace"),
-        pytest.param(
-            varlin.priors.scale_mixture(),
-            id="scale_mixture",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="ScaleMixtureNormal.expand builds a validating distribution, whose "
-                "argument check syncs; fix: pass validate_args=False there (priors.py)",
-            ),
-        ),
+        pytest.param(varlin.priors.scale_mixture(), id="scale_mixture"),
     ],
 )
 def test_kl_with_a_monte_carlo_prior_makes_no_host_sync(prior: varlin.priors.PriorFactory) -> None:
@@ -187,12 +178,6 @@ def test_fit_two_epochs_on_cuda() -> None:
     assert _on_cuda(model) and _on_cuda(lik)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="fit moves x and y to the model's device but not the validation tensors; fix: move "
-    "them in fit (training.py)",
-)
 def test_fit_on_cuda_with_cpu_validation_data() -> None:
     data = make_regression_1d(64, seed=0)
     model = varlin.VariationalLinear(1, 1, device=CUDA)

@@ -47,6 +47,11 @@ class ELBOTerms(NamedTuple):
     kl: Tensor
     kl_term: Tensor
 
+    @property
+    def expected_log_likelihood(self) -> Tensor:
+        """Mean expected log-likelihood per example of the batch, ``-nll``."""
+        return -self.nll
+
 
 class ELBO(nn.Module):
     r"""Negative ELBO per datum: ``loss = elbo(output, target, kl)``.
@@ -54,7 +59,9 @@ class ELBO(nn.Module):
     Args:
         likelihood: a :class:`varlin.likelihoods.Likelihood`.
         num_data: number of examples :math:`N` in the **whole** training set (> 0).
-        beta: weight of the KL term (1 for the ELBO; < 1 tempers it, as in KL warm-up).
+        beta: weight of the KL term (1 for the ELBO; < 1 tempers it). For KL warm-up or
+            annealing pass the current value per call, ``elbo(..., beta=b)``; :func:`varlin.fit`
+            does so with ``kl_warmup_epochs``.
 
     Example:
         >>> elbo = varlin.ELBO(varlin.likelihoods.Gaussian(0.1), num_data=len(dataset))
@@ -79,23 +86,46 @@ class ELBO(nn.Module):
         kl: Tensor,
         *,
         beta: float | None = None,
+        samples: bool = False,
     ) -> ELBOTerms:
-        """The loss and its parts; ``beta`` overrides the constructor's (e.g. a warm-up step)."""
+        """The loss and its parts.
+
+        Args:
+            output: the model output on the minibatch (see
+                :meth:`varlin.likelihoods.Likelihood.expected_log_prob`): one sample ``(B, ...)``,
+                ``S`` samples ``(S, B, ...)`` with ``samples=True``, or a
+                :class:`~torch.distributions.Normal` for the closed form.
+            target: the minibatch targets ``(B, ...)``.
+            kl: the model's total KL, a 0-dim tensor (``varlin.kl_divergence(model)``).
+            beta: overrides the constructor's KL weight for this call (a warm-up or annealing
+                schedule passes its current value here).
+            samples: whether ``output`` stacks Monte Carlo samples in a leading dimension.
+
+        Raises:
+            ValueError: ``kl`` is not 0-dim (a per-layer or per-weight KL must be summed first).
+        """
         beta = self.beta if beta is None else V.real("beta", beta, min_value=0.0)
         if not isinstance(kl, Tensor) or kl.dim() != 0:
             raise ValueError(
                 "kl must be a 0-dim tensor (the summed KL of the model: "
                 f"varlin.kl_divergence(model)), got {V.describe(kl)}"
             )
-        ell = self.likelihood.expected_log_prob(output, target)
+        ell = self.likelihood.expected_log_prob(output, target, samples=samples)
         nll = -ell.mean()
         kl_term = kl * (beta / self.num_data)
         return ELBOTerms(loss=nll + kl_term, nll=nll, kl=kl, kl_term=kl_term)
 
     def forward(
-        self, output: Tensor | Normal, target: Tensor, kl: Tensor, *, beta: float | None = None
+        self,
+        output: Tensor | Normal,
+        target: Tensor,
+        kl: Tensor,
+        *,
+        beta: float | None = None,
+        samples: bool = False,
     ) -> Tensor:
-        return self.terms(output, target, kl, beta=beta).loss
+        """``terms(...).loss``: the value to minimise (see :meth:`terms`)."""
+        return self.terms(output, target, kl, beta=beta, samples=samples).loss
 
     def extra_repr(self) -> str:
         return f"num_data={self.num_data}, beta={self.beta:g}"

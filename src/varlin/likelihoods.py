@@ -5,15 +5,19 @@ Each likelihood is called as ``likelihood(output)`` and returns a
 the per-example expected log-likelihood :math:`\mathbb E_{q}[\log p(y_n \mid f_n)]` that the ELBO
 needs:
 
-- from a tensor ``output`` (one Monte Carlo sample of the network, or ``S`` samples stacked in a
-  leading dimension, averaged), for every likelihood;
-- from a :class:`~torch.distributions.Normal` ``output`` (the moments of a Gaussian
-  pre-activation, as the local reparameterization gives them), in closed form, for
-  :class:`Gaussian`:
+- by Monte Carlo, from a tensor ``output``: one sample of the network, or, with
+  ``samples=True``, ``S`` samples stacked in a leading dimension (averaged), for every
+  likelihood;
+- in closed form, from a :class:`~torch.distributions.Normal` ``output`` (the moments of a
+  Gaussian pre-activation, as the local reparameterization gives them), for :class:`Gaussian`:
 
   .. math::
       \mathbb E_{f\sim\mathcal N(m, v)}\big[\log\mathcal N(y; f, \sigma^2)\big]
       = \log\mathcal N(y; m, \sigma^2) - \frac{v}{2\sigma^2}.
+
+Shapes follow one convention: a trailing output dimension of size 1 is the scalar target of an
+example, so a model output ``(N, 1)`` pairs with targets ``(N,)`` for :class:`Gaussian` and
+:class:`Bernoulli`, and ``likelihood(output)`` is a distribution with batch shape ``(N,)``.
 """
 
 from __future__ import annotations
@@ -31,19 +35,35 @@ from .functional import inverse_softplus
 __all__ = ["Likelihood", "Gaussian", "HeteroscedasticGaussian", "Bernoulli", "Categorical"]
 
 
-def _require_width(output: Tensor, width: int) -> None:
-    if output.shape[-1:] != (width,):
+def _shape_error(expected: tuple[int, ...], output: Tensor, target: Tensor) -> ValueError:
+    return ValueError(
+        f"target must have shape {expected} to match the model output of shape "
+        f"{tuple(output.shape)}, got target of shape {tuple(target.shape)}"
+    )
+
+
+def _require_width(output: Tensor, width: int, what: str) -> None:
+    if output.dim() < 2 or output.shape[-1] != width:
         raise ValueError(
-            f"output must have last dimension {width} for this likelihood, "
-            f"got shape {tuple(output.shape)}"
+            f"output must have shape (N, {width}) for {what}, got shape {tuple(output.shape)}"
         )
+
+
+def _squeeze_scalar(output: Tensor) -> Tensor:
+    """``(N, 1) -> (N,)``: a trailing dimension of size 1 holds one scalar per example."""
+    return output.squeeze(-1) if output.dim() >= 2 and output.shape[-1] == 1 else output
+
+
+def _per_example(log_prob: Tensor) -> Tensor:
+    """Sum a log density over every dimension after the first (the examples), ``-> (N,)``."""
+    return log_prob.reshape(log_prob.shape[0], -1).sum(-1) if log_prob.dim() > 1 else log_prob
 
 
 class Likelihood(nn.Module):
     """Base class: ``forward(output) -> Distribution`` over the targets.
 
-    Subclasses define :meth:`forward`; :meth:`expected_log_prob` and :meth:`check_target` have
-    generic implementations.
+    Subclasses define :meth:`forward` and :meth:`check_target`; :meth:`expected_log_prob` has a
+    generic Monte Carlo implementation.
     """
 
     #: ``"regression"`` or ``"classification"``: how predictions are summarised.
@@ -52,25 +72,59 @@ class Likelihood(nn.Module):
     def forward(self, output: Tensor) -> Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def check_target(self, output: Tensor, target: Tensor) -> Tensor:
-        """Validate ``target`` against ``output`` (one sample) and return it ready for log_prob."""
+    def check_target(self, output: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
+        """Validate ``target`` against ``output`` (one sample) and return it ready for log_prob.
+
+        Raises:
+            ValueError: the shapes do not match (the message names both).
+            TypeError: the target's dtype is wrong for this likelihood.
+        """
         raise NotImplementedError
 
-    def expected_log_prob(self, output: Tensor | Normal, target: Tensor) -> Tensor:
-        r"""Per-example :math:`\mathbb E[\log p(y_n\mid f_n)]`, shape ``target.shape[:1]``.
+    def _log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """Elementwise log density of a checked ``target`` under one sampled ``output``."""
+        return self(output).log_prob(target)
+
+    def expected_log_prob(
+        self, output: Tensor | Normal, target: Tensor, *, samples: bool = False
+    ) -> Tensor:
+        r"""Per-example :math:`\mathbb E_q[\log p(y_n\mid f_n)]`, shape ``(N,)``.
 
         Args:
-            output: one model output (a single Monte Carlo sample), ``(N, ...)``.
+            output: the model output for ``N`` examples, ``(N, ...)``: one Monte Carlo sample,
+                or, with ``samples=True``, ``S`` samples ``(S, N, ...)`` whose log densities are
+                averaged. :class:`Gaussian` also accepts a :class:`~torch.distributions.Normal`
+                over the output (closed form).
             target: the targets of the ``N`` examples.
+            samples: whether ``output`` has a leading dimension of Monte Carlo samples.
+
+        Returns:
+            The log density of each example, summed over its target dimensions, ``(N,)``.
         """
         if isinstance(output, Distribution):
             raise TypeError(
                 f"{type(self).__name__} has no closed-form expected log-likelihood for a "
                 f"{type(output).__name__} output; pass a sampled output tensor"
             )
-        target = self.check_target(output, target)
-        log_prob = self(output).log_prob(target)
-        return log_prob.reshape(log_prob.shape[0], -1).sum(-1) if log_prob.dim() > 1 else log_prob
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be a torch.Tensor, got {V.describe(output)}")
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {V.describe(target)}")
+        if not samples:
+            target = self.check_target(output, target)
+            return _per_example(self._log_prob(output, target))
+        if output.dim() < 2 or target.dim() < 1:
+            raise ValueError(
+                "with samples=True, output must have shape (S, N, ...) and target (N, ...), got "
+                f"output of shape {tuple(output.shape)} and target of shape {tuple(target.shape)}"
+            )
+        # Fold the S samples into the example dimension: (S, N, ...) -> (S*N, ...), so the
+        # single-sample shape rules apply unchanged and unambiguously.
+        target = self.check_target(output[0], target)
+        s, n = output.shape[:2]
+        flat_out = output.reshape(s * n, *output.shape[2:])
+        flat_target = target.expand(s, *target.shape).reshape(s * n, *target.shape[1:])
+        return _per_example(self._log_prob(flat_out, flat_target)).reshape(s, n).mean(0)
 
 
 class Gaussian(Likelihood):
@@ -78,16 +132,36 @@ class Gaussian(Likelihood):
 
     Args:
         noise_scale: :math:`\sigma` (> 0), fixed or the initial value when learned.
-        learn_noise: if ``True``, :math:`\sigma` is a parameter (stored as softplus-inverse).
+        learn_noise: if ``True``, :math:`\sigma` is a parameter (stored as
+            ``raw_noise_scale``, :math:`\sigma = \operatorname{softplus}(\rho)`); otherwise a
+            buffer, saved in ``state_dict()`` but not trained.
+        device, dtype: factory keyword arguments, as for :class:`torch.nn.Linear`.
 
-    The model output has shape ``(N, 1)`` (or ``(N,)``) for targets of shape ``(N,)``, or
-    ``(N, D)`` for targets ``(N, D)``.
+    Shape:
+        The model output is ``(N, 1)`` or ``(N,)`` for targets ``(N,)``, or ``(N, D)`` for
+        targets ``(N, D)``. ``likelihood(output)`` is a :class:`~torch.distributions.Normal`
+        with the output's shape, a trailing dimension of size 1 dropped.
+
+    Example:
+        >>> lik = Gaussian(0.1, learn_noise=True)
+        >>> lik(torch.zeros(5, 1)).batch_shape
+        torch.Size([5])
     """
 
-    def __init__(self, noise_scale: float = 1.0, *, learn_noise: bool = False) -> None:
+    def __init__(
+        self,
+        noise_scale: float = 1.0,
+        *,
+        learn_noise: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         noise_scale = V.real("noise_scale", noise_scale, min_value=0.0, strict=True)
-        raw = inverse_softplus(torch.tensor(noise_scale, dtype=torch.float64)).float()
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        # Invert in float64, then round once: a float64 likelihood holds sigma to ~1e-16.
+        raw = inverse_softplus(torch.tensor(noise_scale, dtype=torch.float64))
+        raw = raw.to(device=device, dtype=dtype)
         self.learn_noise = bool(learn_noise)
         if self.learn_noise:
             self.raw_noise_scale = nn.Parameter(raw)
@@ -96,10 +170,12 @@ class Gaussian(Likelihood):
 
     @property
     def noise_scale(self) -> Tensor:
+        r""":math:`\sigma = \operatorname{softplus}(\rho)`, 0-dim."""
         return F.softplus(self.raw_noise_scale)
 
-    def _match(self, output: Tensor, target: Tensor | None = None) -> Tensor:
-        if target is not None and output.dim() == target.dim() + 1 and output.shape[-1] == 1:
+    def _match(self, output: Tensor, target: Tensor) -> Tensor:
+        # (N, 1) outputs pair with (N,) targets; (N, D) with (N, D), D = 1 included.
+        if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
             return output.squeeze(-1)
         return output
 
@@ -107,43 +183,53 @@ class Gaussian(Likelihood):
         V.floating_tensor("target", target)
         mean = self._match(output, target)
         if mean.shape != target.shape:
-            raise ValueError(
-                f"target must have shape {tuple(mean.shape)} to match the model output "
-                f"{tuple(output.shape)}, got {tuple(target.shape)}"
-            )
+            raise _shape_error(tuple(_squeeze_scalar(output).shape), output, target)
         if V.is_validating():
             V.check_finite("target", target)
         return target
 
     def forward(self, output: Tensor) -> Normal:
-        scale = self.noise_scale.to(output.dtype)
-        return Normal(output, scale.expand(output.shape), validate_args=False)
+        mean = _squeeze_scalar(output)
+        scale = self.noise_scale.to(mean.dtype)
+        return Normal(mean, scale.expand(mean.shape), validate_args=False)
 
-    def expected_log_prob(self, output: Tensor | Normal, target: Tensor) -> Tensor:
-        if isinstance(output, Normal):
-            mean, var = output.loc, output.variance
-            target = self.check_target(mean, target)
-            mean, var = self._match(mean, target), self._match(var, target)
-            noise_var = self.noise_scale.to(mean.dtype) ** 2
-            log_prob = Normal(mean, noise_var.sqrt(), validate_args=False).log_prob(target)
-            log_prob = log_prob - var / (2 * noise_var)
-        else:
-            target = self.check_target(output, target)
-            log_prob = self(self._match(output, target)).log_prob(target)
-        return log_prob.reshape(log_prob.shape[0], -1).sum(-1) if log_prob.dim() > 1 else log_prob
+    def _log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        mean = self._match(output, target)
+        scale = self.noise_scale.to(mean.dtype)
+        return Normal(mean, scale.expand(mean.shape), validate_args=False).log_prob(target)
+
+    def expected_log_prob(
+        self, output: Tensor | Normal, target: Tensor, *, samples: bool = False
+    ) -> Tensor:
+        if not isinstance(output, Normal):
+            return super().expected_log_prob(output, target, samples=samples)
+        if samples:
+            raise ValueError(
+                "samples=True needs sampled output tensors; a Normal output is already exact"
+            )
+        mean, var = output.loc, output.variance
+        target = self.check_target(mean, target)
+        mean, var = self._match(mean, target), self._match(var, target)
+        noise_var = self.noise_scale.to(mean.dtype) ** 2
+        log_prob = Normal(mean, noise_var.sqrt(), validate_args=False).log_prob(target)
+        return _per_example(log_prob - var / (2 * noise_var))
 
     def extra_repr(self) -> str:
-        return f"noise_scale={float(self.noise_scale):.4g}, learn_noise={self.learn_noise}"
+        return f"noise_scale={float(self.noise_scale.detach()):.4g}, learn_noise={self.learn_noise}"
 
 
 class HeteroscedasticGaussian(Likelihood):
-    r"""Input-dependent Gaussian noise: the model outputs a mean and a raw scale per target.
+    r"""Input-dependent Gaussian noise: the model outputs a mean and a raw scale per example.
 
-    For targets of shape ``(N,)`` the output is ``(N, 2)``: column 0 the mean, column 1
-    :math:`\rho` with :math:`\sigma = \operatorname{softplus}(\rho) + \sigma_{\min}`.
+    For targets of shape ``(N,)`` the output is ``(N, 2)``: column 0 the mean :math:`\mu`,
+    column 1 :math:`\rho` with :math:`\sigma = \operatorname{softplus}(\rho) + \sigma_{\min}`.
 
     Args:
         min_scale: a floor :math:`\sigma_{\min} \ge 0` on the noise scale, for stability.
+
+    Example:
+        >>> lik = HeteroscedasticGaussian()
+        >>> mean, scale = lik.split(torch.zeros(5, 2))
     """
 
     def __init__(self, *, min_scale: float = 1e-4) -> None:
@@ -151,18 +237,15 @@ class HeteroscedasticGaussian(Likelihood):
         self.min_scale = V.real("min_scale", min_scale, min_value=0.0)
 
     def split(self, output: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, scale)`` from an output whose last dimension is 2."""
-        _require_width(output, 2)
+        """``(mean, scale)``, each ``(*, N)``, from an output ``(*, N, 2)``."""
+        _require_width(output, 2, "a HeteroscedasticGaussian likelihood (mean, raw scale)")
         return output[..., 0], F.softplus(output[..., 1]) + self.min_scale
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:
         V.floating_tensor("target", target)
-        _require_width(output, 2)
+        _require_width(output, 2, "a HeteroscedasticGaussian likelihood (mean, raw scale)")
         if output.shape[:-1] != target.shape:
-            raise ValueError(
-                f"target must have shape {tuple(output.shape[:-1])} to match the model output "
-                f"{tuple(output.shape)}, got {tuple(target.shape)}"
-            )
+            raise _shape_error(tuple(output.shape[:-1]), output, target)
         if V.is_validating():
             V.check_finite("target", target)
         return target
@@ -184,17 +267,14 @@ class Bernoulli(Likelihood):
     task = "classification"
 
     def _logits(self, output: Tensor) -> Tensor:
-        if output.dim() >= 1 and output.shape[-1] == 1:
-            return output.squeeze(-1)
-        return output
+        return _squeeze_scalar(output)
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:
         logits = self._logits(output)
         if target.shape != logits.shape:
-            raise ValueError(
-                f"target must have shape {tuple(logits.shape)} to match the model output "
-                f"{tuple(output.shape)}, got {tuple(target.shape)}"
-            )
+            raise _shape_error(tuple(logits.shape), output, target)
+        if target.dtype.is_complex:
+            raise TypeError(f"target must hold 0 and 1, got {V.describe(target)}")
         target = target.to(logits.dtype)
         if V.is_validating() and not bool(((target == 0) | (target == 1)).all()):
             raise ValueError("target must hold only 0 and 1 for a Bernoulli likelihood")
@@ -204,7 +284,7 @@ class Bernoulli(Likelihood):
         return _Bernoulli(logits=self._logits(output), validate_args=False)
 
     def probs(self, output: Tensor) -> Tensor:
-        """Class probabilities ``(N, 2)`` from logits."""
+        """Class probabilities ``(*, N, 2)`` (columns: class 0, class 1) from logits."""
         p = torch.sigmoid(self._logits(output))
         return torch.stack([1 - p, p], dim=-1)
 
@@ -218,16 +298,13 @@ class Categorical(Likelihood):
     task = "classification"
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:
-        if target.dtype.is_floating_point or target.dtype.is_complex:
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
             raise TypeError(
                 f"target must hold integer class indices for a Categorical likelihood, got "
-                f"{V.describe(target)}"
+                f"{V.describe(target)}; convert it with target.long()"
             )
-        if target.shape != output.shape[:-1]:
-            raise ValueError(
-                f"target must have shape {tuple(output.shape[:-1])} to match the model output "
-                f"{tuple(output.shape)}, got {tuple(target.shape)}"
-            )
+        if output.dim() < 1 or target.shape != output.shape[:-1]:
+            raise _shape_error(tuple(output.shape[:-1]), output, target)
         if V.is_validating():
             classes = output.shape[-1]
             if bool(((target < 0) | (target >= classes)).any()):
@@ -238,4 +315,5 @@ class Categorical(Likelihood):
         return _Categorical(logits=output, validate_args=False)
 
     def probs(self, output: Tensor) -> Tensor:
+        """Class probabilities ``(*, N, C)``: the softmax of the logits."""
         return torch.softmax(output, dim=-1)

@@ -22,7 +22,9 @@ Classification, by the decomposition of the predictive entropy:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -40,7 +42,12 @@ __all__ = ["predict", "RegressionPrediction", "ClassificationPrediction"]
 
 @dataclass
 class RegressionPrediction:
-    """Predictive summary for regression.
+    r"""Predictive summary for regression.
+
+    With Monte Carlo samples, the predictive is the equally weighted mixture of the ``S``
+    Gaussians :math:`\mathcal N(\mu_s, \sigma_s^2)`, and ``mean``/``variance`` are that
+    mixture's exact moments: ``epistemic`` is the population variance of the ``S`` means (its
+    expectation is :math:`(S-1)/S` times the posterior's; use ``S`` in the tens or more).
 
     Attributes:
         mean: predictive mean, ``(N,)`` (or ``(N, D)``).
@@ -66,10 +73,16 @@ class RegressionPrediction:
         return self.variance.sqrt()
 
     def interval(self, level: float = 0.9) -> tuple[Tensor, Tensor]:
-        """Central ``level`` interval of the Gaussian with the predictive mean and variance."""
+        r"""Central ``level`` prediction interval, ``(lower, upper)``.
+
+        :math:`\text{mean} \pm z\,\text{std}` with :math:`z = \Phi^{-1}((1 + \text{level})/2)`:
+        exact for the closed form (a Gaussian predictive), the moment-matched Gaussian of the
+        Monte Carlo mixture otherwise. A calibrated model covers a fraction ``level`` of new
+        targets (:func:`varlin.metrics.interval_coverage`).
+        """
         level = V.real("level", level)
         if not 0.0 < level < 1.0:
-            raise ValueError(f"level must be in (0, 1), got {level}")
+            raise ValueError(f"level must be in the open interval (0, 1), got {level}")
         z = NormalDist().inv_cdf(0.5 + level / 2)
         half = z * self.std
         return self.mean - half, self.mean + half
@@ -87,6 +100,10 @@ class RegressionPrediction:
                 f"got {tuple(target.shape)}"
             )
         if self.sample_means is None or self.sample_vars is None:
+            if not bool((self.variance > 0).all()):
+                raise ValueError(
+                    "log_prob needs a predictive variance > 0; call predict(..., likelihood=...)"
+                )
             return Normal(self.mean, self.std, validate_args=False).log_prob(target)
         if not bool((self.sample_vars > 0).all()):
             raise ValueError(
@@ -168,11 +185,14 @@ def _closed_form(
         )
     features, head = split
     h = _call(features, x)
+    # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
     mean = h @ head.w_loc
     var = (h * h) @ (head.w_scale**2)
     if head.b_posterior is not None:
         mean = mean + head.b_posterior.loc
         var = var + head.b_posterior.scale**2
+    if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
+        var = torch.zeros_like(var)
     if mean.shape[-1] == 1:
         mean, var = mean.squeeze(-1), var.squeeze(-1)
     noise = torch.zeros_like(mean)
@@ -184,8 +204,14 @@ def _closed_form(
 def _summarise(
     out: Tensor, likelihood: Likelihood | None
 ) -> RegressionPrediction | ClassificationPrediction:
+    # ``out`` is (S, N, ...): a trailing size-1 dimension holds one scalar per example; an
+    # output (S, N) is already one scalar per example (N may be 1, so never squeeze it).
+    scalar = out.squeeze(-1) if out.dim() >= 3 and out.shape[-1] == 1 else out
     if isinstance(likelihood, (Bernoulli, Categorical)):
-        prob_samples = likelihood.probs(out)
+        if isinstance(likelihood, Bernoulli):
+            prob_samples = likelihood.probs(scalar.unsqueeze(-1))
+        else:
+            prob_samples = likelihood.probs(out)
         probs = prob_samples.mean(0)
         entropy = _entropy(probs)
         aleatoric = _entropy(prob_samples).mean(0)
@@ -200,7 +226,7 @@ def _summarise(
         means, scales = likelihood.split(out)
         noise_vars = scales**2
     else:
-        means = out.squeeze(-1) if out.shape[-1] == 1 else out
+        means = scalar
         if isinstance(likelihood, Gaussian):
             noise_vars = (likelihood.noise_scale.to(means.dtype) ** 2).expand(means.shape)
         elif likelihood is None:
@@ -234,7 +260,9 @@ def predict(
         model: a module with variational layers; its output is the likelihood's input. A model
             returning ``(y, kl)`` (the seed's layer) is accepted.
         x: inputs ``(N, in_features)``.
-        num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass.
+        num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass;
+            flipout layers draw whole weight samples here (same predictive, independent
+            samples along ``S``).
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
             mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
             :class:`~varlin.likelihoods.Categorical` give a classification summary.
@@ -263,6 +291,26 @@ def predict(
     outs = []
     for chunk in x.split(max(size, 1)):
         expanded = chunk.unsqueeze(0).expand(num_samples, *chunk.shape)
-        with weight_samples(model, num_samples):
+        with weight_samples(model, num_samples), _whole_weight_samples(model):
             outs.append(_call(model, expanded))
     return _summarise(torch.cat(outs, dim=1), likelihood)
+
+
+@contextlib.contextmanager
+def _whole_weight_samples(model: nn.Module) -> Iterator[None]:
+    """Flipout layers draw whole weight samples (reparameterization) while predicting.
+
+    Flipout shares one perturbation across everything in a call and decorrelates examples by
+    random signs; stacked along the sample dimension, the ``S`` outputs of one example then share
+    that perturbation, and their variance converges to a random value, not the epistemic
+    variance. The predictive does not depend on the estimator (all three have the same
+    per-example distribution), so prediction uses independent weight samples instead.
+    """
+    flipout = [layer for layer in variational_layers(model) if layer.estimator == "flipout"]
+    try:
+        for layer in flipout:
+            layer.estimator = "reparameterization"
+        yield
+    finally:
+        for layer in flipout:
+            layer.estimator = "flipout"

@@ -1,0 +1,274 @@
+"""Tests for varlin.likelihoods: the distributions they return, closed forms, shapes and errors.
+
+Math tests run in float64. The one statistical test (closed-form expected log-likelihood against
+Monte Carlo) draws from a fixed-seed generator and takes its tolerance from a stated failure
+rate, so the seed is not what makes it pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from statistics import NormalDist
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Bernoulli as TorchBernoulli
+from torch.distributions import Categorical as TorchCategorical
+from torch.distributions import Normal
+
+import varlin
+from varlin.likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _z(failure_rate: float, tests: int = 1) -> float:
+    """Two-sided Normal quantile for ``tests`` simultaneous checks (Bonferroni)."""
+    return NormalDist().inv_cdf(1.0 - failure_rate / (2.0 * tests))
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs -> torch distributions
+
+
+@pytest.mark.parametrize("learn_noise", [False, True])
+def test_gaussian_returns_normal_with_noise_scale(learn_noise: bool) -> None:
+    lik = Gaussian(0.3, learn_noise=learn_noise, dtype=F64)
+    out = torch.randn(5, 1, generator=_gen(0), dtype=F64)
+    dist = lik(out)
+    assert isinstance(dist, Normal)
+    assert dist.batch_shape == (5,)  # the trailing size-1 output dim is one scalar per example
+    torch.testing.assert_close(dist.loc, out.squeeze(-1), rtol=0, atol=0)
+    torch.testing.assert_close(dist.scale, torch.full((5,), 0.3, dtype=F64), rtol=1e-15, atol=0)
+    y = torch.randn(5, generator=_gen(1), dtype=F64)
+    assert dist.log_prob(y).shape == (5,)
+
+
+def test_gaussian_multi_output_keeps_shape() -> None:
+    lik = Gaussian(0.5, dtype=F64)
+    out = torch.randn(4, 3, generator=_gen(0), dtype=F64)
+    assert lik(out).batch_shape == (4, 3)
+    y = torch.randn(4, 3, generator=_gen(1), dtype=F64)
+    expected = Normal(out, 0.5).log_prob(y).sum(-1)
+    torch.testing.assert_close(lik.expected_log_prob(out, y), expected)
+    # (N, 1) outputs with (N, 1) targets: D = 1 outputs, not squeezed against the target.
+    out1, y1 = out[:, :1], y[:, :1]
+    torch.testing.assert_close(
+        lik.expected_log_prob(out1, y1), Normal(out1, 0.5).log_prob(y1)[:, 0]
+    )
+
+
+def test_heteroscedastic_split_and_distribution() -> None:
+    lik = HeteroscedasticGaussian(min_scale=1e-3)
+    out = torch.randn(6, 2, generator=_gen(0), dtype=F64) * 3
+    mean, scale = lik.split(out)
+    torch.testing.assert_close(mean, out[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(scale, F.softplus(out[:, 1]) + 1e-3, rtol=0, atol=0)
+    assert bool((scale > 0).all())
+    dist = lik(out)
+    assert isinstance(dist, Normal) and dist.batch_shape == (6,)
+    y = torch.randn(6, generator=_gen(1), dtype=F64)
+    expected = Normal(out[:, 0], F.softplus(out[:, 1]) + 1e-3).log_prob(y)
+    torch.testing.assert_close(lik.expected_log_prob(out, y), expected, rtol=1e-14, atol=0)
+    # A floor of 0 is allowed, a negative one is not.
+    assert HeteroscedasticGaussian(min_scale=0.0).min_scale == 0.0
+    with pytest.raises(ValueError, match="min_scale"):
+        HeteroscedasticGaussian(min_scale=-1.0)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_heteroscedastic_rejects_output_width(width: int) -> None:
+    lik = HeteroscedasticGaussian()
+    with pytest.raises(ValueError, match=r"output must have shape \(N, 2\).*\(4, " + str(width)):
+        lik(torch.zeros(4, width))
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 1), (1,), (1, 1)])
+def test_bernoulli_matches_torch(shape: tuple[int, ...]) -> None:
+    lik = Bernoulli()
+    logits = torch.randn(shape, generator=_gen(0), dtype=F64) * 2
+    n = shape[0]
+    y = torch.randint(0, 2, (n,), generator=_gen(1))
+    dist = lik(logits)
+    assert isinstance(dist, TorchBernoulli) and dist.batch_shape == (n,)
+    ref = TorchBernoulli(logits=logits.reshape(n)).log_prob(y.to(F64))
+    torch.testing.assert_close(lik.expected_log_prob(logits, y), ref, rtol=1e-15, atol=0)
+    probs = lik.probs(logits)
+    assert probs.shape == (n, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(n, dtype=F64))
+    torch.testing.assert_close(probs[:, 1], torch.sigmoid(logits.reshape(n)))
+
+
+def test_categorical_matches_torch() -> None:
+    lik = Categorical()
+    logits = torch.randn(9, 4, generator=_gen(0), dtype=F64) * 2
+    y = torch.randint(0, 4, (9,), generator=_gen(1))
+    dist = lik(logits)
+    assert isinstance(dist, TorchCategorical) and dist.batch_shape == (9,)
+    ref = TorchCategorical(logits=logits).log_prob(y)
+    torch.testing.assert_close(lik.expected_log_prob(logits, y), ref, rtol=1e-15, atol=0)
+    # second route: log-softmax picked at the target
+    torch.testing.assert_close(ref, F.log_softmax(logits, -1)[torch.arange(9), y])
+    torch.testing.assert_close(lik.probs(logits).sum(-1), torch.ones(9, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# closed-form expected log-likelihood
+
+
+def _gaussian_ell_formula(m: torch.Tensor, v: torch.Tensor, y: torch.Tensor, s2: float):
+    return -0.5 * math.log(2 * math.pi * s2) - ((y - m) ** 2 + v) / (2 * s2)
+
+
+def test_gaussian_closed_form_matches_formula_and_monte_carlo() -> None:
+    """E_{f~N(m,v)} log N(y; f, s^2): closed form vs the formula vs S = 200,000 samples.
+
+    Each of the N = 6 Monte Carlo means has standard error sd/sqrt(S) (sd estimated from the same
+    samples); the tolerance is z * SE with z for a 1e-6 family-wise failure rate (Bonferroni
+    over the 6 examples), so a correct implementation fails on a fresh seed once in 10^6 runs.
+    """
+    g = _gen(0)
+    n, s = 6, 200_000
+    noise = 0.4
+    m = torch.randn(n, 1, generator=g, dtype=F64)
+    v = torch.rand(n, 1, generator=g, dtype=F64) + 0.05
+    y = torch.randn(n, generator=g, dtype=F64) * 1.5
+    lik = Gaussian(noise, dtype=F64)
+
+    closed = lik.expected_log_prob(Normal(m, v.sqrt()), y)
+    assert closed.shape == (n,)
+    formula = _gaussian_ell_formula(m[:, 0], v[:, 0], y, noise**2)
+    torch.testing.assert_close(closed, formula, rtol=1e-14, atol=1e-14)
+
+    f = m + v.sqrt() * torch.randn(s, n, 1, generator=g, dtype=F64)  # (S, N, 1)
+    mc = lik.expected_log_prob(f, y, samples=True)
+    per_sample = Normal(f[..., 0], noise).log_prob(y)  # (S, N), a second route to the average
+    torch.testing.assert_close(mc, per_sample.mean(0), rtol=1e-12, atol=1e-12)
+    se = per_sample.std(0) / math.sqrt(s)
+    assert bool(((mc - closed).abs() <= _z(1e-6, n) * se).all()), (mc - closed) / se
+    # The variance penalty is what the closed form adds: without it the check fails by far.
+    plug_in = Normal(m[:, 0], noise).log_prob(y)
+    assert bool(((mc - plug_in).abs() > 10 * se).all())
+
+
+def test_gaussian_closed_form_gradient_reaches_moments_and_noise() -> None:
+    lik = Gaussian(0.7, learn_noise=True, dtype=F64)
+    m = torch.randn(5, generator=_gen(0), dtype=F64, requires_grad=True)
+    sd = (torch.rand(5, generator=_gen(1), dtype=F64) + 0.1).requires_grad_()
+    y = torch.randn(5, generator=_gen(2), dtype=F64)
+    lik.expected_log_prob(Normal(m, sd), y).sum().backward()
+    s2 = 0.7**2
+    assert m.grad is not None and sd.grad is not None
+    torch.testing.assert_close(m.grad, (y - m.detach()) / s2)
+    torch.testing.assert_close(sd.grad, -sd.detach() / s2)
+    assert lik.raw_noise_scale.grad is not None and lik.raw_noise_scale.grad != 0
+
+
+def test_samples_average_single_sample_values() -> None:
+    lik = Categorical()
+    logits = torch.randn(5, 3, 4, generator=_gen(0), dtype=F64)  # S=5, N=3, C=4
+    y = torch.tensor([0, 3, 1])
+    stacked = lik.expected_log_prob(logits, y, samples=True)
+    one_by_one = torch.stack([lik.expected_log_prob(logits[s], y) for s in range(5)]).mean(0)
+    torch.testing.assert_close(stacked, one_by_one, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="samples=True"):
+        lik.expected_log_prob(logits[0, 0], y, samples=True)
+
+
+def test_closed_form_only_for_gaussian() -> None:
+    normal = Normal(torch.zeros(3), torch.ones(3))
+    for lik in (Bernoulli(), Categorical(), HeteroscedasticGaussian()):
+        with pytest.raises(TypeError, match="no closed-form"):
+            lik.expected_log_prob(normal, torch.zeros(3))
+    with pytest.raises(ValueError, match="samples=True"):
+        Gaussian().expected_log_prob(normal, torch.zeros(3), samples=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise parameters
+
+
+def test_learned_noise_is_parameter_fixed_noise_is_buffer() -> None:
+    learned = Gaussian(0.2, learn_noise=True)
+    fixed = Gaussian(0.2)
+    assert [name for name, _ in learned.named_parameters()] == ["raw_noise_scale"]
+    assert isinstance(learned.raw_noise_scale, nn.Parameter)
+    assert list(fixed.parameters()) == []
+    assert [name for name, _ in fixed.named_buffers()] == ["raw_noise_scale"]
+    for lik in (learned, fixed):
+        assert "raw_noise_scale" in lik.state_dict()
+        assert float(lik.noise_scale.detach()) == pytest.approx(0.2, rel=1e-6)
+    # The learned noise trains: one Adam step on a loss that wants more noise raises it.
+    opt = torch.optim.Adam(learned.parameters(), lr=0.1)
+    loss = -learned.expected_log_prob(torch.zeros(4), torch.full((4,), 3.0)).mean()
+    loss.backward()
+    opt.step()
+    assert float(learned.noise_scale.detach()) > 0.2
+
+
+def test_noise_dtype_and_precision() -> None:
+    lik = Gaussian(0.5, dtype=F64)
+    assert lik.raw_noise_scale.dtype == F64
+    assert abs(float(lik.noise_scale) - 0.5) < 1e-15
+    assert Gaussian(0.5).raw_noise_scale.dtype == torch.get_default_dtype()
+    moved = Gaussian(0.5).double()
+    assert moved.noise_scale.dtype == F64
+    assert "noise_scale=0.5" in repr(Gaussian(0.5, learn_noise=True))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_gaussian_rejects_bad_noise(bad: float) -> None:
+    with pytest.raises(ValueError, match="noise_scale"):
+        Gaussian(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# target checks
+
+
+@pytest.mark.parametrize(
+    ("lik", "output", "target", "expected"),
+    [
+        (Gaussian(), torch.zeros(5, 1), torch.zeros(4), r"\(5,\)"),
+        (Gaussian(), torch.zeros(5, 3), torch.zeros(5), r"\(5, 3\)"),
+        (HeteroscedasticGaussian(), torch.zeros(5, 2), torch.zeros(5, 1), r"\(5,\)"),
+        (Bernoulli(), torch.zeros(5, 1), torch.zeros(5, 1), r"\(5,\)"),
+        (Categorical(), torch.zeros(5, 3), torch.zeros(5, 3, dtype=torch.long), r"\(5,\)"),
+    ],
+)
+def test_target_shape_mismatch_names_target_and_shapes(lik, output, target, expected) -> None:
+    with pytest.raises(ValueError, match="target") as info:
+        lik.expected_log_prob(output, target)
+    message = str(info.value)
+    assert "target" in message
+    assert str(tuple(output.shape)) in message and str(tuple(target.shape)) in message
+    assert re.search(expected, message), message
+
+
+def test_categorical_float_target_is_type_error() -> None:
+    with pytest.raises(TypeError, match="integer class indices"):
+        Categorical().expected_log_prob(torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_gaussian_integer_target_is_type_error() -> None:
+    with pytest.raises(TypeError, match="target must have a floating-point dtype"):
+        Gaussian().expected_log_prob(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long))
+
+
+def test_value_checks_under_validation() -> None:
+    with varlin.validation():
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            Bernoulli().expected_log_prob(torch.zeros(3), torch.tensor([0.0, 0.5, 1.0]))
+        with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+            Categorical().expected_log_prob(torch.zeros(3, 2), torch.tensor([0, 2, 1]))
+        with pytest.raises(ValueError, match="target must be finite"):
+            Gaussian().expected_log_prob(torch.zeros(2), torch.tensor([0.0, math.nan]))
+    # Outside the validation block no value is read (no device sync): a 0.5 target passes.
+    Bernoulli().expected_log_prob(torch.zeros(3), torch.tensor([0.0, 0.5, 1.0]))
