@@ -1,9 +1,21 @@
 """The ``varlin`` command line: ``demo``, ``fit``, ``predict``, ``uci``, ``bench``.
 
 Every failure the user can cause (a missing file, a bad column, a non-finite value, a damaged
-model file) ends with one line ``varlin: error: ...`` on stderr and exit status 1, without a
-traceback and without leaving a partial output file: outputs are written to a temporary file and
-renamed into place.
+model file, a missing output folder) ends with one line ``varlin: error: ...`` on stderr and exit
+status 1, without a traceback and without leaving a partial output file: outputs are written to a
+temporary file beside the target and renamed into place only once complete.
+
+``varlin fit DATA.csv --target COLUMN --out MODEL`` fits a variational MLP and writes a
+self-describing model file (architecture, standardisation statistics, class labels, varlin
+version). ``varlin predict MODEL DATA.csv --out PREDICTIONS.csv`` appends prediction columns to the
+rows of ``DATA.csv``:
+
+- regression: ``mean``, ``std`` (total), ``epistemic_std``, ``aleatoric_std``, ``lower_<L>``,
+  ``upper_<L>`` (the central ``L``% interval, ``--level``);
+- classification: ``p_<class>`` for every class, ``entropy`` (total uncertainty, nats),
+  ``mutual_information`` (its epistemic part) and ``predicted`` (the most probable class).
+
+A new column whose name is already in ``DATA.csv`` gets the prefix ``pred_``.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import os
 import runpy
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +41,18 @@ from . import __version__
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 from .predictive import ClassificationPrediction, RegressionPrediction, predict
-from .training import CheckpointError, fit, load_checkpoint, save_checkpoint
+from .training import CheckpointError, NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 
-__all__ = ["main", "build_mlp", "load_model_file"]
+__all__ = ["main", "build_parser", "build_mlp", "load_model_file", "CLIError"]
 
 MODEL_KIND = "varlin-mlp"
+TASKS = ("regression", "classification")
+ESTIMATORS = ("reparameterization", "local", "flipout")
+LIKELIHOODS = ("homoscedastic", "heteroscedastic")
+#: With ``--task auto``, an integer-valued target with at most this many values is a class label.
+AUTO_MAX_CLASSES = 10
+#: Rows predicted per batch: bounds the memory of ``num_samples x rows x hidden`` activations.
+PREDICT_CHUNK = 1024
 
 
 class CLIError(Exception):
@@ -43,54 +63,117 @@ class CLIError(Exception):
 def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a CSV file, with clear errors for missing, empty or ragged files."""
     p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{path}: is a folder, not a CSV file")
     if not p.is_file():
         raise CLIError(f"{path}: no such file")
     try:
-        with p.open(newline="") as fh:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) must not stick to the first column.
+        with p.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CLIError(f"{path}: cannot read it as CSV ({exc})") from None
+        raise CLIError(f"{path}: cannot read it as a UTF-8 CSV file ({exc})") from None
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
-        raise CLIError(f"{path}: the file is empty (a header row is required)")
+        raise CLIError(f"{path}: the file is empty (a header row and data rows are required)")
     header = [h.strip() for h in rows[0]]
+    if any(not h for h in header):
+        raise CLIError(f"{path}: the header has an empty column name: {rows[0]}")
     if len(set(header)) != len(header):
-        raise CLIError(f"{path}: duplicate column names in the header: {header}")
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        raise CLIError(f"{path}: duplicate column names in the header: {dupes}")
     body = rows[1:]
     if not body:
         raise CLIError(f"{path}: the file has a header but no data rows")
     for i, row in enumerate(body, start=2):
         if len(row) != len(header):
-            raise CLIError(f"{path}: line {i} has {len(row)} fields, the header has {len(header)}")
+            raise CLIError(
+                f"{path}: data row {i - 1} has {len(row)} fields, the header has {len(header)}"
+            )
     return header, body
 
 
 def numeric_column(path: str, name: str, cells: Sequence[str]) -> list[float]:
+    """The cells of one column as finite floats, or a one-line error naming the bad cell."""
     values = []
-    for line, cell in enumerate(cells, start=2):
+    for row, cell in enumerate(cells, start=1):
+        text = cell.strip()
+        if not text:
+            raise CLIError(f"{path}: column {name!r}, data row {row}: empty value")
         try:
-            value = float(cell)
+            value = float(text)
         except ValueError:
             raise CLIError(
-                f"{path}: column {name!r}, line {line}: {cell!r} is not a number"
+                f"{path}: column {name!r}, data row {row}: {cell!r} is not a number"
             ) from None
         if not math.isfinite(value):
-            raise CLIError(f"{path}: column {name!r}, line {line}: value {cell!r} is not finite")
+            raise CLIError(
+                f"{path}: column {name!r}, data row {row}: {cell!r} is not a finite number "
+                "(NaN and infinite values are not allowed)"
+            )
         values.append(value)
     return values
 
 
+def _feature_matrix(path: str, names: Sequence[str], columns: dict[str, list[str]]) -> torch.Tensor:
+    """The named columns as a float64 ``(rows, len(names))`` tensor of finite values."""
+    data = [numeric_column(path, name, columns[name]) for name in names]
+    return torch.tensor(data, dtype=torch.float64).T.contiguous()
+
+
+def _to_float32(path: str, what: str, values: torch.Tensor) -> torch.Tensor:
+    """Cast to float32, refusing values that overflow it (finite in float64, inf in float32)."""
+    out = values.to(torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise CLIError(
+            f"{path}: {what} holds values too large for float32 after standardisation "
+            f"(largest magnitude {float(values.abs().max()):.3g}); rescale the column"
+        )
+    return out
+
+
+# -- output files -----------------------------------------------------------------------------
+def check_output_path(path: str) -> Path:
+    """Fail early (before any work) if ``path`` cannot be written as a file."""
+    target = Path(path)
+    parent = target.parent
+    if not parent.exists():
+        raise CLIError(f"{path}: the folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{path}: {str(parent)!r} is not a folder")
+    if target.is_dir():
+        raise CLIError(f"{path}: is a folder; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{path}: the folder {str(parent)!r} is not writable")
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only on success."""
-    target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise CLIError(f"{path}: the folder {str(target.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    On any error inside the block the temporary file is removed and ``path`` is untouched. The
+    file gets the permissions an ordinary ``open(path, "w")`` would (``0o666`` less the umask),
+    not ``mkstemp``'s private ``0o600``.
+    """
+    target = check_output_path(str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write in {str(target.parent)!r} ({exc})") from None
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write the file ({exc})") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -116,17 +199,81 @@ def _likelihood(spec: dict[str, Any]) -> Likelihood:
     return Gaussian(1.0, learn_noise=True)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_list(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+    )
+
+
+def _spec_problem(spec: dict[str, Any]) -> str | None:
+    """What is wrong with a model file's spec, or ``None`` if it is consistent."""
+    required = (
+        "version", "features", "target", "task", "hidden", "depth", "estimator", "likelihood",
+        "outputs", "classes", "x_mean", "x_std", "y_mean", "y_std",
+    )  # fmt: skip
+    missing = [k for k in required if k not in spec]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    features = spec["features"]
+    if not (isinstance(features, list) and features and all(isinstance(f, str) for f in features)):
+        return f"'features' must be a non-empty list of column names, got {features!r}"
+    if spec["task"] not in TASKS:
+        return f"'task' must be one of {TASKS}, got {spec['task']!r}"
+    if spec["estimator"] not in ESTIMATORS:
+        return f"'estimator' must be one of {ESTIMATORS}, got {spec['estimator']!r}"
+    if spec["likelihood"] not in LIKELIHOODS:
+        return f"'likelihood' must be one of {LIKELIHOODS}, got {spec['likelihood']!r}"
+    for key in ("hidden", "depth", "outputs"):
+        if not (_is_int(spec[key]) and spec[key] > 0):
+            return f"{key!r} must be a positive integer, got {spec[key]!r}"
+    classes = spec["classes"]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return f"'classes' must be a list of labels, got {classes!r}"
+    if spec["task"] == "classification":
+        expected = len(classes)
+        if expected < 2:
+            return f"a classifier needs at least 2 classes, got {classes!r}"
+    else:
+        expected = 2 if spec["likelihood"] == "heteroscedastic" else 1
+    if spec["outputs"] != expected:
+        return f"'outputs' is {spec['outputs']} but the task and classes need {expected}"
+    d = len(features)
+    if not (_finite_list(spec["x_mean"], d) and _finite_list(spec["x_std"], d)):
+        return f"'x_mean' and 'x_std' must be lists of {d} finite numbers"
+    if any(v <= 0 for v in spec["x_std"]):
+        return "'x_std' must be positive"
+    if not _finite_list([spec["y_mean"], spec["y_std"]], 2) or spec["y_std"] <= 0:
+        return "'y_mean' and 'y_std' must be finite numbers, 'y_std' positive"
+    return None
+
+
 def load_model_file(path: str) -> tuple[dict[str, Any], nn.Module, Likelihood]:
-    """Read a model file written by ``varlin fit`` and rebuild its model and likelihood."""
+    """Read a model file written by ``varlin fit`` and rebuild its model and likelihood.
+
+    Raises:
+        CLIError: the file is missing, unreadable, not a ``varlin fit`` model file, or its stored
+            parameters do not match the architecture it declares.
+    """
+    if Path(path).is_dir():
+        raise CLIError(f"{path}: is a folder, not a model file")
     try:
         state = load_checkpoint(path)
     except FileNotFoundError:
         raise CLIError(f"{path}: no such model file") from None
     except CheckpointError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(f"{path}: not a readable model file ({exc})") from None
     spec = state.get("spec")
     if state.get("kind") != MODEL_KIND or not isinstance(spec, dict):
         raise CLIError(f"{path}: not a model file written by 'varlin fit'")
+    problem = _spec_problem(spec)
+    if problem is not None:
+        raise CLIError(f"{path}: the model file's description is invalid: {problem}")
     model = build_mlp(
         len(spec["features"]),
         spec["outputs"],
@@ -136,22 +283,39 @@ def load_model_file(path: str) -> tuple[dict[str, Any], nn.Module, Likelihood]:
     )
     likelihood = _likelihood(spec)
     for what, module in (("model", model), ("likelihood", likelihood)):
+        stored = state.get(what)
         try:
-            module.load_state_dict(state[what])
-        except (RuntimeError, KeyError) as exc:
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[:3])
+            if not isinstance(stored, dict):
+                raise TypeError(f"no {what} parameters stored")
+            module.load_state_dict(stored)
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+            if len(detail) > 200:
+                detail = detail[:197] + "..."
             raise CLIError(
                 f"{path}: the stored {what} does not match the architecture it declares "
                 f"({len(spec['features'])} inputs, depth {spec['depth']}, hidden {spec['hidden']}, "
                 f"{spec['outputs']} outputs): {detail}"
             ) from None
+        if not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()):
+            raise CLIError(f"{path}: the stored {what} holds NaN or infinite parameters")
     return spec, model, likelihood
 
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from . import plots
+
+        plots.require_matplotlib()
+    except ImportError as exc:  # matplotlib is an optional extra
+        raise CLIError(str(exc).splitlines()[0]) from None
     from .demo import run_demo
 
+    try:  # before any training: a bad --out must not cost a run
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{args.out}: cannot create the folder ({exc.strerror or exc})") from None
     run_demo(args.out, seed=args.seed, scale=args.scale, progress=not args.no_progress)
     return 0
 
@@ -162,12 +326,53 @@ def _infer_task(values: list[str]) -> str:
     except ValueError:
         return "classification"
     distinct = set(numbers)
-    if all(float(v).is_integer() for v in distinct) and len(distinct) <= 10:
-        return "classification"
+    if all(math.isfinite(v) and v.is_integer() for v in distinct):
+        if len(distinct) <= AUTO_MAX_CLASSES:
+            return "classification"
     return "regression"
 
 
+def _class_labels(path: str, name: str, raw: list[str]) -> tuple[list[str], list[int]]:
+    """Sorted class labels and each row's class index; numeric labels compare as numbers."""
+    for row, value in enumerate(raw, start=1):
+        if not value:
+            raise CLIError(f"{path}: column {name!r}, data row {row}: empty class label")
+    try:
+        numbers = [float(v) for v in raw]
+    except ValueError:
+        numbers = None
+    if numbers is not None:
+        for row, (value, number) in enumerate(zip(raw, numbers, strict=True), start=1):
+            if not math.isfinite(number):
+                raise CLIError(
+                    f"{path}: column {name!r}, data row {row}: {value!r} is not a finite number "
+                    "(NaN and infinite values are not allowed)"
+                )
+        # "1" and "1.0" are one class; it is written as "1".
+        labels = [f"{v:g}" for v in numbers]
+        classes = [f"{v:g}" for v in sorted(set(numbers))]
+    else:
+        labels = raw
+        classes = sorted(set(raw))
+    if len(classes) < 2:
+        raise CLIError(f"{path}: target {name!r} has a single class {classes}; nothing to learn")
+    if len(classes) > max(AUTO_MAX_CLASSES, len(raw) // 2):
+        raise CLIError(
+            f"{path}: target {name!r} has {len(classes)} distinct values in {len(raw)} rows, too "
+            "many for classification; use --task regression"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [index[v] for v in labels]
+
+
+def _warnings_to_stderr(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        print(f"varlin: warning: {text}", file=sys.stderr)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    check_output_path(args.out)  # before any work: a typo in --out must not cost a training run
     header, rows = read_csv(args.data)
     if args.target not in header:
         raise CLIError(
@@ -177,9 +382,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if not features:
         raise CLIError(f"{args.data}: no feature columns besides the target {args.target!r}")
     columns = {h: [r[i] for r in rows] for i, h in enumerate(header)}
-    X = torch.tensor(
-        [numeric_column(args.data, f, columns[f]) for f in features], dtype=torch.float32
-    ).T
+    X = _feature_matrix(args.data, features, columns)
     raw_target = [c.strip() for c in columns[args.target]]
     task = args.task if args.task != "auto" else _infer_task(raw_target)
     spec: dict[str, Any] = {
@@ -192,20 +395,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "estimator": args.estimator,
         "likelihood": args.likelihood,
     }
+    # Statistics in float64: float32 would overflow squaring values of ~1e20.
     x_mean, x_std = X.mean(0), X.std(0, unbiased=False)
+    for name, m, s in zip(features, x_mean.tolist(), x_std.tolist(), strict=True):
+        if not (math.isfinite(m) and math.isfinite(s)):
+            raise CLIError(
+                f"{args.data}: column {name!r} holds values too large to standardise "
+                f"(largest magnitude {float(X[:, features.index(name)].abs().max()):.3g}); "
+                "rescale it"
+            )
     x_std = torch.where(x_std > 0, x_std, torch.ones_like(x_std))
-    Xs = (X - x_mean) / x_std
+    Xs = _to_float32(args.data, "the features", (X - x_mean) / x_std)
+    y: torch.Tensor
     if task == "classification":
-        classes = sorted(set(raw_target), key=lambda v: (_as_float(v), v))
-        if len(classes) < 2:
-            raise CLIError(f"{args.data}: target {args.target!r} has a single class {classes}")
-        index = {c: i for i, c in enumerate(classes)}
-        y = torch.tensor([index[v] for v in raw_target])
+        classes, index = _class_labels(args.data, args.target, raw_target)
+        y = torch.tensor(index)
         spec.update(classes=classes, outputs=len(classes), y_mean=0.0, y_std=1.0)
     else:
-        y_raw = torch.tensor(numeric_column(args.data, args.target, raw_target))
-        y_mean, y_std = float(y_raw.mean()), float(y_raw.std(unbiased=False)) or 1.0
-        y = (y_raw - y_mean) / y_std
+        y_raw = torch.tensor(
+            numeric_column(args.data, args.target, raw_target), dtype=torch.float64
+        )
+        y_mean, y_std = float(y_raw.mean()), float(y_raw.std(unbiased=False))
+        if not (math.isfinite(y_mean) and math.isfinite(y_std)):
+            raise CLIError(
+                f"{args.data}: column {args.target!r} holds values too large to standardise "
+                f"(largest magnitude {float(y_raw.abs().max()):.3g}); rescale it"
+            )
+        y_std = y_std if y_std > 0 else 1.0
+        y = _to_float32(args.data, f"the target {args.target!r}", (y_raw - y_mean) / y_std)
         outputs = 2 if args.likelihood == "heteroscedastic" else 1
         spec.update(classes=[], outputs=outputs, y_mean=y_mean, y_std=y_std)
     spec.update(x_mean=x_mean.tolist(), x_std=x_std.tolist())
@@ -219,10 +436,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         estimator=args.estimator,
     )
     likelihood = _likelihood(spec)
-    history = fit(
-        model, Xs, y, likelihood=likelihood, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, progress=not args.no_progress,
-    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            history = fit(
+                model, Xs, y, likelihood=likelihood, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                progress=not args.no_progress,
+            )  # fmt: skip
+        except NonFiniteLossError as exc:
+            raise CLIError(f"training diverged: {str(exc).splitlines()[0]}") from None
+    _warnings_to_stderr(caught)
     last = history.records[-1]
     with atomic_path(args.out) as tmp:
         save_checkpoint(
@@ -241,66 +465,74 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return math.inf
+def _prediction_columns(
+    pred: RegressionPrediction | ClassificationPrediction, spec: dict[str, Any], level: float
+) -> dict[str, list[str]]:
+    """The new columns, name -> formatted cells, in the documented order."""
+
+    def fmt(values: torch.Tensor) -> list[str]:
+        return [f"{float(v):.6g}" for v in values]
+
+    if isinstance(pred, RegressionPrediction):
+        scale, shift = spec["y_std"], spec["y_mean"]
+        lower, upper = pred.interval(level)
+        pct = f"{level * 100:g}"
+        return {
+            "mean": fmt(pred.mean * scale + shift),
+            "std": fmt(pred.std * scale),
+            "epistemic_std": fmt(pred.epistemic.sqrt() * scale),
+            "aleatoric_std": fmt(pred.aleatoric.sqrt() * scale),
+            f"lower_{pct}": fmt(lower * scale + shift),
+            f"upper_{pct}": fmt(upper * scale + shift),
+        }
+    classes = spec["classes"]
+    cols = {f"p_{c}": fmt(pred.probs[:, i]) for i, c in enumerate(classes)}
+    cols["entropy"] = fmt(pred.entropy)
+    cols["mutual_information"] = fmt(pred.mutual_information)
+    cols["predicted"] = [classes[int(k)] for k in pred.classes]
+    return cols
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_output_path(args.out)
     spec, model, likelihood = load_model_file(args.model)
     header, rows = read_csv(args.data)
     missing = [f for f in spec["features"] if f not in header]
     if missing:
         raise CLIError(
-            f"{args.data}: columns {missing} are missing; the model was fitted on "
+            f"{args.data}: columns {missing} are missing; the model was fitted on the columns "
             f"{spec['features']}"
         )
     columns = {h: [r[i] for r in rows] for i, h in enumerate(header)}
-    X = torch.tensor(
-        [numeric_column(args.data, f, columns[f]) for f in spec["features"]], dtype=torch.float32
-    ).T
-    Xs = (X - torch.tensor(spec["x_mean"])) / torch.tensor(spec["x_std"])
+    X = _feature_matrix(args.data, spec["features"], columns)
+    x_mean = torch.tensor(spec["x_mean"], dtype=torch.float64)
+    x_std = torch.tensor(spec["x_std"], dtype=torch.float64)
+    Xs = _to_float32(args.data, "the features", (X - x_mean) / x_std)
     torch.manual_seed(args.seed)
-    pred = predict(model, Xs, num_samples=args.num_samples, likelihood=likelihood)
-    out_header = list(header)
-    out_rows = [list(r) for r in rows]
-    if isinstance(pred, RegressionPrediction):
-        scale = spec["y_std"]
-        lower, upper = pred.interval(args.level)
-        pct = f"{args.level * 100:g}"
-        cols = {
-            "mean": pred.mean * scale + spec["y_mean"],
-            "std": pred.std * scale,
-            "epistemic_std": pred.epistemic.sqrt() * scale,
-            "aleatoric_std": pred.aleatoric.sqrt() * scale,
-            f"lower_{pct}": lower * scale + spec["y_mean"],
-            f"upper_{pct}": upper * scale + spec["y_mean"],
-        }
-    else:
-        assert isinstance(pred, ClassificationPrediction)
-        classes = spec["classes"]
-        cols = {f"p_{c}": pred.probs[:, i] for i, c in enumerate(classes)}
-        cols["entropy"] = pred.entropy
-        cols["mutual_information"] = pred.mutual_information
-    out_header += [f"{'pred_' if name in header else ''}{name}" for name in cols]
-    if isinstance(pred, ClassificationPrediction):
-        out_header.append("predicted")
-    for i, row in enumerate(out_rows):
-        row.extend(f"{float(v[i]):.6g}" for v in cols.values())
-        if isinstance(pred, ClassificationPrediction):
-            row.append(spec["classes"][int(pred.classes[i])])
+    pred = predict(
+        model, Xs, num_samples=args.num_samples, likelihood=likelihood, batch_size=PREDICT_CHUNK
+    )
+    summary = pred.mean if isinstance(pred, RegressionPrediction) else pred.probs
+    if not bool(torch.isfinite(summary).all()):
+        raise CLIError(f"{args.model}: the model predicts non-finite values on {args.data}")
+    cols = _prediction_columns(pred, spec, args.level)
+    out_header = list(header) + [f"pred_{n}" if n in header else n for n in cols]
+    out_rows = [row + [cells[i] for cells in cols.values()] for i, row in enumerate(rows)]
     with atomic_path(args.out) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(out_header)
         writer.writerows(out_rows)
-    print(f"wrote {len(out_rows)} predictions to {args.out}")
+    print(f"wrote {len(out_rows)} predictions ({spec['task']}) to {args.out}")
     return 0
 
 
 def cmd_uci(args: argparse.Namespace) -> int:
-    uci = importlib.import_module("varlin.uci")
+    try:
+        uci = importlib.import_module("varlin.uci")
+    except ImportError:
+        raise CLIError(
+            "the UCI benchmark runner (varlin.uci) is not installed in this version"
+        ) from None
     return int(uci.main_from_args(args))
 
 
@@ -308,9 +540,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
     if not script.is_file():
         raise CLIError("varlin bench runs from a source checkout (benchmarks/speed.py not found)")
+    saved = sys.argv
     sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
     return 0
+
+
+_PREDICT_EPILOG = """\
+columns appended to the rows of DATA:
+  regression:      mean, std, epistemic_std, aleatoric_std, lower_<L>, upper_<L>
+                   (standard deviations split by the law of total variance; the central L%
+                   interval of --level)
+  classification:  p_<class> for each class, entropy, mutual_information, predicted
+a new column whose name is already in DATA gets the prefix pred_
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,37 +567,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train on embedded data; print metrics; write figures")
-    p.add_argument("--out", default="varlin-demo", help="folder for the figures")
+    p.add_argument("--out", default="varlin-demo", help="folder for the figures (created)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="training length multiplier")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scale", type=_positive_float, default=1.0, help="training length multiplier")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("fit", help="fit a variational MLP to a CSV file")
-    p.add_argument("data", help="CSV file with a header row")
+    p = sub.add_parser(
+        "fit",
+        help="fit a variational MLP to a CSV file",
+        description="Fit a variational MLP (every layer variational) to a CSV file with a header "
+        "row and write a self-describing model file. Features and regression targets are "
+        "standardised; the statistics are stored in the model file.",
+    )
+    p.add_argument(
+        "data", help="CSV file with a header row; every column but the target is a feature"
+    )
     p.add_argument("--target", required=True, help="name of the target column")
     p.add_argument("--out", required=True, help="model file to write")
-    p.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
     p.add_argument(
-        "--likelihood", choices=["homoscedastic", "heteroscedastic"], default="homoscedastic"
+        "--task",
+        choices=["auto", *TASKS],
+        default="auto",
+        help=f"auto: classification if the target is text or has at most {AUTO_MAX_CLASSES} "
+        "integer values, else regression",
     )
     p.add_argument(
-        "--estimator", choices=["reparameterization", "local", "flipout"], default="local"
+        "--likelihood",
+        choices=LIKELIHOODS,
+        default="homoscedastic",
+        help="regression noise: one learned scale, or a scale predicted per row",
     )
-    p.add_argument("--hidden", type=_positive_int, default=50)
+    p.add_argument("--estimator", choices=ESTIMATORS, default="local")
+    p.add_argument("--hidden", type=_positive_int, default=50, help="units per hidden layer")
     p.add_argument("--depth", type=_positive_int, default=1, help="number of hidden layers")
     p.add_argument("--epochs", type=_positive_int, default=200)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="predict with a model file; write a CSV")
+    p = sub.add_parser(
+        "predict",
+        help="predict with a model file; write a CSV",
+        description="Predict with a model file written by 'varlin fit'; write DATA's rows with "
+        "the prediction columns appended.",
+        epilog=_PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="model file written by 'varlin fit'")
-    p.add_argument("data", help="CSV file with the model's feature columns")
+    p.add_argument("data", help="CSV file with the model's feature columns (others are kept)")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--num-samples", type=_positive_int, default=256)
+    p.add_argument("--num-samples", type=_positive_int, default=256, help="posterior samples")
     p.add_argument("--level", type=_level, default=0.9, help="interval level in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_predict)
@@ -395,12 +663,19 @@ def _level(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``varlin`` console script; returns the exit status."""
+    """Entry point of the ``varlin`` console script; returns the exit status.
+
+    Usage errors (argparse) exit with status 2; every other user error prints one line
+    ``varlin: error: ...`` and returns 1.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except CLIError as exc:
+        print(f"varlin: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a disk full, a permission denied: the environment, not a bug
         print(f"varlin: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

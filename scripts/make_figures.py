@@ -1,0 +1,135 @@
+"""Regenerate every figure of ``docs/`` from varlin itself: ``python scripts/make_figures.py``.
+
+- ``regression.png``, ``classification_uncertainty.png``, ``calibration.png`` and
+  ``mean_field_vs_exact.png``: the four figures of ``varlin demo`` (same code, same seed);
+- ``gradient_variance.png``: the variance of the minibatch gradient of the ELBO under the three
+  estimators, measured here on a small regression MLP, against the minibatch size.
+
+Everything runs on one CPU thread in about half a minute; the PNGs are written at 100 dpi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import varlin
+from varlin import plots
+from varlin.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+ESTIMATORS = ("reparameterization", "local", "flipout")
+
+
+def gradient_variance(
+    batch_sizes: Sequence[int] = (4, 16, 64, 256, 1024),
+    *,
+    repeats: int = 200,
+    num_data: int = 4096,
+    init_scale: float = 0.3,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Variance of the minibatch ELBO gradient, per estimator and minibatch size.
+
+    One model (a 5-32-1 ReLU MLP of ``VariationalLinear`` layers, every posterior scale
+    ``init_scale``) and one dataset are shared by the three estimators; only the way the noise is
+    drawn differs. For each minibatch size ``B`` the loss ``varlin.ELBO`` (mean NLL over the batch
+    + KL / N) is differentiated ``repeats`` times, each time on a fresh random minibatch and fresh
+    noise, and the variance over the repeats of each gradient coordinate is averaged over the
+    first layer's weight means (``"loc"``) and raw scales (``"raw_scale"``).
+
+    Returns:
+        ``{estimator: {"loc": [...], "raw_scale": [...]}}``, one value per batch size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(num_data, 5, generator=g)
+    w = torch.randn(5, generator=g)
+    y = torch.tanh(X @ w) + 0.1 * torch.randn(num_data, generator=g)
+
+    def model(estimator: str) -> nn.Sequential:
+        gen = torch.Generator().manual_seed(seed + 1)  # same means for every estimator
+        return nn.Sequential(
+            varlin.VariationalLinear(
+                5, 32, estimator=estimator, init_scale=init_scale, generator=gen
+            ),  # fmt: skip
+            nn.ReLU(),
+            varlin.VariationalLinear(
+                32, 1, estimator=estimator, init_scale=init_scale, generator=gen
+            ),  # fmt: skip
+        )
+
+    elbo = varlin.ELBO(varlin.likelihoods.Gaussian(0.1), num_data=num_data)
+    out: dict[str, dict[str, list[float]]] = {}
+    for estimator in ESTIMATORS:
+        net = model(estimator)
+        first = net[0]
+        assert isinstance(first, varlin.VariationalLinear)
+        params = {"loc": first.w_posterior.loc, "raw_scale": first.w_posterior.raw_scale}
+        result: dict[str, list[float]] = {"loc": [], "raw_scale": []}
+        batches = torch.Generator().manual_seed(seed + 2)  # same minibatches for every estimator
+        for b in batch_sizes:
+            grads: dict[str, list[torch.Tensor]] = {"loc": [], "raw_scale": []}
+            for _ in range(repeats):
+                idx = torch.randint(0, num_data, (b,), generator=batches)
+                loss = elbo(net(X[idx]), y[idx], varlin.kl_divergence(net))
+                values = torch.autograd.grad(loss, list(params.values()))
+                for key, grad in zip(params, values, strict=True):
+                    grads[key].append(grad.reshape(-1))
+            for key in result:
+                result[key].append(float(torch.stack(grads[key]).var(0).mean()))
+        out[estimator] = result
+    return out
+
+
+def gradient_variance_figure(data: dict[str, dict[str, list[float]]], batch_sizes: Sequence[int],
+                             path: Path) -> Path:  # fmt: skip
+    plt = plots.require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in (
+        (axes[0], "loc", "gradient w.r.t. the posterior means"),
+        (axes[1], "raw_scale", "gradient w.r.t. the raw posterior scales"),
+    ):
+        plots.gradient_variance(batch_sizes, {e: data[e][key] for e in data}, ax=ax)
+        ax.set_title(f"First layer, {title}", fontsize=10)
+    fig.suptitle(
+        "Variance of the minibatch ELBO gradient (5-32-1 ReLU MLP, posterior std 0.3): local "
+        "reparameterization falls like 1/B,\nflipout nearly so (a residual second-order in the "
+        "shared noise remains), one shared weight sample levels off",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return plots.save(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    parser.add_argument("--repeats", type=int, default=200, help="gradient draws per point")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    table = io.StringIO()
+    result = run_demo(args.out, progress=False, stream=table)
+    print(table.getvalue())
+    sizes = (4, 16, 64, 256, 1024)
+    data = gradient_variance(sizes, repeats=args.repeats)
+    print("gradient variance (first layer, mean over coordinates):")
+    print(json.dumps({e: {k: [f"{v:.3g}" for v in vs] for k, vs in d.items()} for e, d in
+                      data.items()}, indent=1))  # fmt: skip
+    paths = [
+        *result.figures,
+        gradient_variance_figure(data, sizes, args.out / "gradient_variance.png"),
+    ]
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB)")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
