@@ -180,13 +180,14 @@ def same_dtype(name: str, value: torch.Tensor, reference: torch.Tensor) -> None:
     )
 
 
-def survives_cast(name: str, value: float, dtype: torch.dtype) -> None:
-    """Raise if the finite ``value`` becomes 0 or infinite once stored in ``dtype``.
+def survives_cast(name: str, value: float, dtype: torch.dtype, *, positive: bool = True) -> None:
+    """Raise if the finite ``value`` overflows ``dtype``, or if a ``positive`` one becomes 0.
 
     A scale of ``1e-50`` is a legal positive float but 0 in float32: the KL becomes inf or NaN.
+    A location that rounds to 0 is harmless (``positive=False``).
     """
     stored = float(torch.tensor(value, dtype=dtype))
-    if math.isfinite(stored) and (stored != 0.0 or value == 0.0):
+    if math.isfinite(stored) and (stored != 0.0 or value == 0.0 or not positive):
         return
     finfo = torch.finfo(dtype)
     raise ValueError(

@@ -49,6 +49,8 @@ class BayesianLinearRegression:
             raise ValueError(f"X must have shape (n, d), got shape {tuple(X.shape)}")
         if y.shape != X.shape[:1]:
             raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {tuple(y.shape)}")
+        if y.dtype != X.dtype:
+            raise TypeError(f"y has dtype {y.dtype} but X has {X.dtype}; convert one of them")
         V.check_finite("X", X)
         V.check_finite("y", y)
         d = X.shape[1]
@@ -105,6 +107,13 @@ class BayesianLinearRegression:
         d = self.mean.shape[0]
         if X_new.dim() != 2 or X_new.shape[1] != d:
             raise ValueError(f"X_new must have shape (m, {d}), got {tuple(X_new.shape)}")
+        if X_new.dtype != self.mean.dtype:
+            raise TypeError(
+                f"X_new has dtype {X_new.dtype} but the model was fitted in {self.mean.dtype}; "
+                f"convert it with X_new.to({self.mean.dtype})"
+            )
+        if V.is_validating():
+            V.check_finite("X_new", X_new)
         mean = X_new @ self.mean
         var = ((X_new @ self.covariance) * X_new).sum(-1) + self.noise_scale**2
         return Normal(mean, var.sqrt())
@@ -128,6 +137,11 @@ class BayesianLinearRegression:
         """
         X, y = self._require_fit()
         mu, cov = _moments(q)
+        if mu.shape != X.shape[1:]:
+            raise ValueError(
+                f"q must be a distribution over the {X.shape[1]} weights, got a "
+                f"{type(q).__name__} over {mu.shape[0]}"
+            )
         resid = y - X @ mu
         trace = (X.T @ X * cov).sum()
         noise_var = self.noise_scale**2

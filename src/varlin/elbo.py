@@ -110,6 +110,10 @@ class ELBO(nn.Module):
                 "kl must be a 0-dim tensor (the summed KL of the model: "
                 f"varlin.kl_divergence(model)), got {V.describe(kl)}"
             )
+        if V.is_validating():
+            V.check_finite("kl", kl)
+            if isinstance(output, Tensor):
+                V.check_finite("output", output)
         ell = self.likelihood.expected_log_prob(output, target, samples=samples)
         nll = -ell.mean()
         kl_term = kl * (beta / self.num_data)

@@ -18,6 +18,7 @@ when it is ``None``, from torch's default generator.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,11 +43,26 @@ def inverse_softplus(y: Tensor) -> Tensor:
 
 
 def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight + bias`` with one fused call for the common 2-D case."""
-    if bias is not None and x.dim() == 2 and weight.dim() == 2:
-        return torch.addmm(bias, x, weight)
+    """``x @ weight + bias`` with one fused call (``addmm``) for a single weight matrix."""
+    if bias is not None and x.dim() >= 2 and weight.dim() == 2:
+        if x.dim() == 2:
+            return torch.addmm(bias, x, weight)
+        y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        return y.view(*x.shape[:-1], weight.shape[-1])
     y = torch.matmul(x, weight)
     return y if bias is None else y + bias
+
+
+def _shared_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """``x`` without its leading broadcast dimensions (stride 0, as from ``x.expand(S, ...)``).
+
+    Monte Carlo prediction feeds the same batch to every sample slice; the parts of an estimator
+    that do not depend on the noise are then computed once and broadcast. Only for a single
+    weight matrix (stacked weights would broadcast against the stripped dimensions).
+    """
+    while weight.dim() == 2 and x.dim() > 2 and x.stride(0) == 0:
+        x = x[0]
+    return x
 
 
 class _ShiftScaled(torch.autograd.Function):
@@ -70,9 +86,13 @@ class _ShiftScaled(torch.autograd.Function):
 
 
 def _shift_scaled(loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
-    """``torch.addcmul(loc, scale, eps)``, with the lean backward when shapes match."""
+    """``torch.addcmul(loc, scale, eps)``, with the lean backward when shapes match.
+
+    Not while tracing with ``torch.compile``: the compiler fuses the plain expression itself.
+    """
     if (
         torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and (loc.requires_grad or scale.requires_grad)
         and loc.shape == scale.shape == eps.shape
     ):
@@ -146,6 +166,57 @@ def reparameterized_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
+class _LocalStd(torch.autograd.Function):
+    r"""Per-example output std of the local estimator, :math:`\sqrt{x^2\sigma_W^2+\sigma_b^2}`.
+
+    The forward is the plain expression (``x * x``, ``w_scale * w_scale``, one GEMM, clamp at
+    ``tiny``, sqrt). The backward uses :math:`\partial v/\partial\sigma_W = 2\sigma_W x^2`:
+    one GEMM and one weight-sized pass, where autograd through ``w_scale * w_scale`` takes three
+    weight-sized passes and a sum of two gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w_scale: Tensor, b_scale: Tensor | None) -> Tensor:
+        x2 = x * x
+        s2 = w_scale * w_scale
+        var = _affine(x2, s2, None if b_scale is None else b_scale * b_scale)
+        # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is 0 anyway.
+        std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+        ctx.save_for_backward(x, x2, w_scale, s2, b_scale, var, std)
+        return std
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, x2, w_scale, s2, b_scale, var, std = ctx.saved_tensors
+        # 2 * dL/dvar = grad / std, zero where the clamp was active (as clamp_min's backward).
+        grad_var2 = torch.div(grad, std).masked_fill_(var < torch.finfo(var.dtype).tiny, 0)
+        flat = grad_var2.reshape(-1, grad_var2.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad_var2, s2.t()).mul_(x)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(x2.reshape(-1, x2.shape[-1]).t(), flat).mul_(w_scale)
+        if b_scale is not None and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0).mul_(b_scale)
+        return grad_x, grad_w, grad_b
+
+
+def _local_std(x: Tensor, w_scale: Tensor, b_scale: Tensor | None) -> Tensor:
+    """:class:`_LocalStd` for one weight matrix when gradients flow, else the plain ops.
+
+    The plain ops also serve stacked (batched) weights and ``torch.compile``, which fuses them.
+    """
+    if (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and w_scale.dim() == 2
+        and (b_scale is None or b_scale.dim() == 1)
+    ):
+        return _LocalStd.apply(x, w_scale, b_scale)
+    var = _affine(x * x, w_scale * w_scale, None if b_scale is None else b_scale * b_scale)
+    return torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+
+
 def local_reparameterized_linear(
     x: Tensor,
     w_loc: Tensor,
@@ -167,20 +238,33 @@ def local_reparameterized_linear(
     Per-example noise is independent, so ``num_weight_samples`` needs no special handling.
     """
     del num_weight_samples  # every example, hence every sample slice, gets its own noise
-    mean = _affine(x, w_loc, b_loc)
-    b_var = None if b_scale is None else b_scale * b_scale
-    if torch.is_autocast_enabled(x.device.type):
+    rows = _shared_rows(x, w_loc)  # mean and std of a repeated batch are computed once
+    mean = _affine(rows, w_loc, b_loc)
+    # torch.is_autocast_enabled raises for the meta device (shape inference, deferred init).
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         # x**2 overflows float16 for |x| > 256: the variance path stays in full precision.
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.to(w_scale.dtype)
-            var = _affine(xf * xf, w_scale * w_scale, b_var)
-            std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)).to(mean.dtype)
+            std = _local_std(rows.to(w_scale.dtype), w_scale, b_scale).to(mean.dtype)
     else:
-        var = _affine(x * x, w_scale * w_scale, b_var)
-        # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is 0 anyway.
-        std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        std = _local_std(rows, w_scale, b_scale)
+    shape = (*x.shape[: x.dim() - rows.dim()], *mean.shape)
+    eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return torch.addcmul(mean, std, eps)
+
+
+_SIGN_TABLES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _sign_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Row ``k`` holds the 8 bits of ``k`` as signs: ``(256, 8)``, entries ``±1``."""
+    key = (device, dtype)
+    table = _SIGN_TABLES.get(key)
+    if table is None:
+        bits = torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)
+        table = (bits & 1).to(dtype).mul_(2).sub_(1)
+        if not torch.compiler.is_compiling():
+            _SIGN_TABLES[key] = table
+    return table
 
 
 def _random_signs(
@@ -188,8 +272,17 @@ def _random_signs(
     generator: torch.Generator | None,
     like: Tensor,
 ) -> Tensor:
-    signs = torch.empty(shape, device=like.device, dtype=like.dtype)
-    return signs.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    """Independent fair ``±1`` of ``shape``: 8 signs per random byte, unpacked by table lookup.
+
+    One generator call per 8 signs instead of one per sign: ``bernoulli_`` costs about as much as
+    ``randn`` per element on the CPU (the generator is sequential), this about 1/20 of it.
+    """
+    n = math.prod(shape)
+    words = torch.randint(
+        0, 256, ((n + 7) // 8,), generator=generator, device=like.device, dtype=torch.int64
+    )
+    signs = _sign_table(like.device, like.dtype).index_select(0, words)
+    return signs.view(-1)[:n].view(shape)
 
 
 def flipout_linear(
@@ -213,11 +306,12 @@ def flipout_linear(
     marginal distribution as :math:`\Delta W`, but pairs of examples are (pseudo-)independent.
     """
     del num_weight_samples  # per-example perturbations already differ
-    mean = _affine(x, w_loc, b_loc)
+    rows = _shared_rows(x, w_loc)  # the mean of a repeated batch is computed once
+    mean = _affine(rows, w_loc, b_loc)
     eps = torch.randn(w_loc.shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
     delta_w = w_scale * eps
     sign_in = _random_signs(x.shape, generator, x)
-    sign_out = _random_signs(mean.shape, generator, mean)
+    sign_out = _random_signs((*x.shape[: x.dim() - rows.dim()], *mean.shape), generator, mean)
     delta_b = None
     if b_loc is not None:
         assert b_scale is not None

@@ -210,9 +210,17 @@ class BayesianLinearBase(nn.Module):
         """
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
+        V.same_dtype("x", x, self.w_posterior.loc)
         b = self.b_posterior
         mean = functional.mean_linear(x, self.w_posterior.loc, None if b is None else b.loc)
-        var = (x * x) @ self.w_scale.square()
+        w_scale = self.w_scale
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            # x**2 and scale**2 leave float16's range: the variance path stays in full precision.
+            with torch.autocast(x.device.type, enabled=False):
+                xf = x.to(w_scale.dtype)
+                var = (xf * xf) @ w_scale.square()
+        else:
+            var = (x * x) @ w_scale.square()
         if b is not None:
             var = var + b.scale.square()
         return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), validate_args=False)

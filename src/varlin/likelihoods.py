@@ -159,6 +159,7 @@ class Gaussian(Likelihood):
         super().__init__()
         noise_scale = V.real("noise_scale", noise_scale, min_value=0.0, strict=True)
         dtype = torch.get_default_dtype() if dtype is None else dtype
+        V.survives_cast("noise_scale", noise_scale, dtype)
         # Invert in float64, then round once: a float64 likelihood holds sigma to ~1e-16.
         raw = inverse_softplus(torch.tensor(noise_scale, dtype=torch.float64))
         raw = raw.to(device=device, dtype=dtype)

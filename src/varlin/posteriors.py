@@ -52,6 +52,7 @@ class MeanFieldNormal(nn.Module):
     ) -> None:
         super().__init__()
         self.init_scale = V.real("init_scale", init_scale, min_value=0.0, strict=True)
+        V.floating_dtype("dtype", dtype)
         factory = {"device": device, "dtype": dtype}
         self.loc = nn.Parameter(torch.zeros(shape, **factory))  # type: ignore[arg-type]
         self.raw_scale = nn.Parameter(torch.empty(shape, **factory))  # type: ignore[arg-type]
@@ -66,6 +67,7 @@ class MeanFieldNormal(nn.Module):
         """Set every scale to ``init_scale`` (default: the constructor's)."""
         if init_scale is not None:
             self.init_scale = V.real("init_scale", init_scale, min_value=0.0, strict=True)
+        V.survives_cast("init_scale", self.init_scale, self.raw_scale.dtype)
         with torch.no_grad():
             value = torch.tensor(self.init_scale, dtype=torch.float64)
             self.raw_scale.fill_(float(inverse_softplus(value)))

@@ -142,10 +142,18 @@ class ClassificationPrediction:
         return self.probs.argmax(-1)
 
     def log_prob(self, target: Tensor) -> Tensor:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {V.describe(target)}")
         if target.shape != self.probs.shape[:-1]:
             raise ValueError(
                 f"target must have shape {tuple(self.probs.shape[:-1])}, got {tuple(target.shape)}"
             )
+        if V.is_validating():
+            classes, index = self.probs.shape[-1], target.long()
+            if not bool(((index == target) & (index >= 0) & (index < classes)).all()):
+                raise ValueError(
+                    f"target must hold class indices in [0, {classes}), got {V.describe(target)}"
+                )
         picked = self.probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
         return torch.log(picked.clamp_min(torch.finfo(picked.dtype).tiny))
 
@@ -185,9 +193,18 @@ def _closed_form(
         )
     features, head = split
     h = _call(features, x)
+    name = "x" if isinstance(features, nn.Identity) else "the feature extractor's output"
+    V.last_dim(name, h, head.in_features, "in_features")
+    V.same_dtype(name, h, head.w_loc)
     # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
     mean = h @ head.w_loc
-    var = (h * h) @ (head.w_scale**2)
+    if h.device.type != "meta" and torch.is_autocast_enabled(h.device.type):
+        # h**2 overflows float16 for |h| > 256: the variance path stays in full precision.
+        with torch.autocast(h.device.type, enabled=False):
+            hf = h.to(head.w_scale.dtype)
+            var = (hf * hf) @ (head.w_scale**2)
+    else:
+        var = (h * h) @ (head.w_scale**2)
     if head.b_posterior is not None:
         mean = mean + head.b_posterior.loc
         var = var + head.b_posterior.scale**2
@@ -276,6 +293,10 @@ def predict(
     num_samples = V.positive_int("num_samples", num_samples)
     V.one_of("method", method, ("auto", "mc", "closed_form"))
     V.floating_tensor("x", x)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"x must have shape (N, ...) with N >= 1 examples, got shape {tuple(x.shape)}"
+        )
     if likelihood is not None and not isinstance(likelihood, Likelihood):
         raise TypeError(
             f"likelihood must be a varlin Likelihood or None, got {V.describe(likelihood)}"

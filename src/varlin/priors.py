@@ -221,6 +221,8 @@ class _ScalarFactory:
         dtype: torch.dtype | None = None,
     ) -> Distribution:
         dtype = dtype or torch.get_default_dtype()
+        for key, value in self.params.items():
+            V.survives_cast(key, value, dtype, positive=key != "loc")  # scales, mixing: > 0
         tensors = {k: torch.tensor(v, device=device, dtype=dtype) for k, v in self.params.items()}
         return self.kind(**tensors, validate_args=False)  # type: ignore[arg-type]
 
@@ -268,5 +270,13 @@ def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype
     if isinstance(factory, _ScalarFactory):
         dist = factory(*shape, device=device, dtype=dtype)
     else:
-        dist = factory(*shape)
-    return Prior(dist, shape, name=name)
+        try:
+            dist = factory(*shape)
+        except TypeError as exc:
+            raise TypeError(
+                f"calling {name}(*{shape}) raised TypeError: {exc}; a prior factory takes the "
+                "parameter's shape as positional arguments, e.g. (in_features, out_features)"
+            ) from exc
+    prior = Prior(dist, shape, name=name)
+    V.real_support(name, dist)  # a weight prior: Prior itself holds any distribution
+    return prior

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     A crash during the write leaves the previous checkpoint intact. The file holds only tensors,
     numbers, strings and containers, so it loads with ``torch.load(weights_only=True)``.
     """
+    V.weights_only_safe("state", state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -140,12 +142,17 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
+        damaged = _damaged_entry(path)
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for damaged files
         raise CheckpointError(
             f"checkpoint {str(path)!r} is unreadable (truncated or corrupted): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupted: its entry {damaged!r} fails its CRC-32 check"
+        )
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{str(path)!r} is not a varlin checkpoint (no 'format' entry)")
     if state["format"] != CHECKPOINT_FORMAT:
@@ -154,6 +161,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
             f"{CHECKPOINT_FORMAT}"
         )
     return state
+
+
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of a zip checkpoint whose CRC-32 does not match (torch.load never checks)."""
+    if not zipfile.is_zipfile(path):
+        return None  # not a zip archive: torch.load reports it
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
 
 
 def _load_module_state(module: nn.Module, state: dict[str, Tensor], what: str, path: Any) -> None:
@@ -431,6 +446,33 @@ def fit(
         if validation is None:
             raise ValueError("patience needs validation data: pass validation=(x_val, y_val)")
     val_samples = V.positive_int("val_samples", val_samples)
+    seed = V.integer("seed", seed)
+    resume = V.boolean("resume", resume)
+    progress = V.boolean("progress", progress)
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError(
+            f"optimizer must be a callable params -> torch.optim.Optimizer, got "
+            f"{V.describe(optimizer)}"
+        )
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path or None, got {V.describe(checkpoint)}")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError(
+                f"validation must be a pair (x_val, y_val) of tensors, got {V.describe(validation)}"
+            )
+        x_val, y_val = validation
+        V.floating_tensor("validation x_val", x_val)
+        if not isinstance(y_val, Tensor):
+            raise TypeError(f"validation y_val must be a tensor, got {V.describe(y_val)}")
+        if x_val.dim() == 0 or y_val.dim() == 0 or x_val.shape[0] != y_val.shape[0]:
+            raise ValueError(
+                "validation x_val and y_val must have the same number of rows, got shapes "
+                f"{tuple(x_val.shape)} and {tuple(y_val.shape)}"
+            )
+        V.check_finite("validation x_val", x_val)
+        if y_val.is_floating_point():
+            V.check_finite("validation y_val", y_val)
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
