@@ -118,6 +118,16 @@ class _NormalKLSum(torch.autograd.Function):
         return grad_loc, grad_scale, None, None
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it (cheaper than
+    ``torch.broadcast_shapes`` on the per-step path)."""
+    if shape == target or not shape:
+        return True
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target), strict=False))
+
+
 def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) -> Tensor:
     r"""``normal_kl(q_loc, q_scale, p_loc, p_scale).sum()`` (0-dim), the layers' hot path.
 
@@ -134,9 +144,9 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
         torch.compiler.is_compiling()
         or p_loc.requires_grad
         or p_scale.requires_grad
-        or torch.broadcast_shapes(q_loc.shape, q_scale.shape, p_loc.shape, p_scale.shape)
-        != q_loc.shape
         or q_scale.shape != q_loc.shape
+        or not _broadcasts_to(p_loc.shape, q_loc.shape)
+        or not _broadcasts_to(p_scale.shape, q_loc.shape)
     ):
         return normal_kl(q_loc, q_scale, p_loc, p_scale).sum()
     return _NormalKLSum.apply(q_loc, q_scale, p_loc, p_scale)

@@ -1,0 +1,978 @@
+"""Speed of varlin's variational linear layers side by side with nn.Linear and the peers.
+
+One process, implementations interleaved in rounds (the order rotates every round), timed with
+``time.perf_counter`` (``torch.cuda.synchronize`` around each measurement on a GPU). For every
+implementation the table reports the median time and the median of the per-round ratios to
+``nn.Linear`` measured in the same round.
+
+Measured, for each size ``in_features = out_features = D`` and batch ``B``:
+
+- **train step**: ``zero_grad``, forward, ``loss = MSE + KL / N``, backward, ``Adam.step()``
+  (``torch.optim.Adam(lr=1e-3)`` with the same options for every implementation; two extra rows
+  with ``fused=True`` for nn.Linear and varlin's default estimator);
+- **single-sample inference**: one stochastic forward under ``torch.no_grad()``; varlin's
+  deterministic (posterior-mean) mode as an extra row;
+- **memory**: bytes of parameters, buffers and Adam state after one step;
+- **Monte Carlo prediction** (smallest size): 32 samples in one batched call
+  (``varlin.layers.weight_samples``) against 32 separate forward calls.
+
+Each peer is trained the way its documentation shows: bayesian-torch layers return
+``(out, kl)`` and that KL is used; blitz's ``BayesianLinear`` records
+``log_variational_posterior - log_prior`` during ``forward`` (what its ``nn_kl_divergence``
+sums); torchbnn's KL comes from ``BKLLoss()`` (its default mean reduction). A peer that cannot
+be imported is skipped with a printed note.
+
+Usage::
+
+    python benchmarks/speed.py                      # CPU: 256/1024/2048, batch 128/256/512
+    python benchmarks/speed.py --device cuda        # GPU: 256/1024/4096, batch 1024
+    python benchmarks/speed.py --sizes 512:64 --rounds 5 --out /tmp/speed
+    python benchmarks/speed.py --quick --out /tmp/s # smoke test, a few seconds
+    python benchmarks/speed.py --render-only        # rebuild speed.md from the JSON files
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import varlin
+from varlin.layers import weight_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "results"
+NUM_DATA = 50_000  # N in loss = MSE + KL / N (any constant; the same for every implementation)
+MC_SAMPLES = 32
+RNG_REFERENCE = "reference: torch.randn(in, out) alone"
+ADAM_REFERENCES = {
+    "nn.Linear": "reference: Adam.step alone, nn.Linear's parameters",
+    "varlin.reparameterization": "reference: Adam.step alone, varlin's parameters",
+}
+CPU_SIZES = ((256, 128), (1024, 256), (2048, 512))
+GPU_SIZES = ((256, 1024), (1024, 1024), (4096, 1024))
+VARLIN_ESTIMATORS = ("reparameterization", "local", "flipout")
+
+# Targets of issue 6: (section, implementation) -> {in_features or None (every size): bound}.
+# Ratios to nn.Linear, medians; "<=" bounds.
+TARGETS: dict[str, dict[tuple[str, str], dict[int | None, float]]] = {
+    "cpu": {
+        ("train", "varlin.reparameterization"): {256: 1.9, 1024: 1.7, 2048: 1.5},
+        ("train", "varlin.flipout"): {256: 2.7, 1024: 2.6, 2048: 2.2},
+        ("train", "varlin.local"): {None: 2.4},
+        ("inference", "varlin.reparameterization"): {256: 2.0, 1024: 1.8, 2048: 1.5},
+        ("inference", "varlin.deterministic"): {None: 1.1},
+    },
+    "cuda": {
+        ("train", "varlin.reparameterization"): {256: 2.0, 1024: 2.0, 4096: 1.15},
+    },
+}
+MEMORY_TARGET = 2.0  # varlin (default prior): (parameters + buffers) / nn.Linear parameters
+MC_TARGET = 2.0  # speed-up of one batched 32-sample call over 32 separate calls
+
+
+# -- implementations ------------------------------------------------------------------------
+TrainForward = Callable[[nn.Module, Tensor], tuple[Tensor, "Tensor | None"]]
+InferForward = Callable[[nn.Module, Tensor], Tensor]
+
+
+@dataclass
+class Impl:
+    """One implementation: how to build it, run a training forward and an inference forward.
+
+    ``train_forward`` returns ``(y, kl_term)`` where ``kl_term`` is already the loss's KL part
+    (``KL / N``) or ``None``.
+    """
+
+    key: str
+    build: Callable[[int, int, torch.device], nn.Module]
+    train_forward: TrainForward | None
+    infer_forward: InferForward | None
+    adam: dict[str, Any] = field(default_factory=dict)
+    baseline: str = "nn.Linear"  # the key its ratios are taken against
+    infer_context: Callable[[nn.Module], contextlib.AbstractContextManager[Any]] | None = None
+    peer: bool = False  # a peer that fails on this device is skipped with a note
+
+
+def _linear_impls() -> list[Impl]:
+    def build(d_in: int, d_out: int, device: torch.device) -> nn.Module:
+        return nn.Linear(d_in, d_out, device=device)
+
+    def train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return m(x), None
+
+    def infer(m: nn.Module, x: Tensor) -> Tensor:
+        return m(x)
+
+    def draw_weight_noise(m: nn.Module, x: Tensor) -> Tensor:
+        # What the reparameterization and flipout estimators draw per call: in x out normals.
+        return torch.randn(m.in_features, m.out_features, device=x.device, dtype=x.dtype)
+
+    return [
+        Impl("nn.Linear", build, train, infer),
+        Impl(RNG_REFERENCE, build, None, draw_weight_noise),
+        Impl(
+            "nn.Linear [Adam fused]",
+            build,
+            train,
+            None,
+            adam={"fused": True},
+            baseline="nn.Linear [Adam fused]",
+        ),
+    ]
+
+
+def _varlin_impls() -> list[Impl]:
+    impls = []
+    for estimator in VARLIN_ESTIMATORS:
+
+        def build_train(
+            d_in: int, d_out: int, device: torch.device, estimator: str = estimator
+        ) -> nn.Module:
+            # Training: the seed's layer, y, kl = layer(x, kl_weight).
+            return varlin.LinearVariationalNormal(d_in, d_out, estimator=estimator, device=device)
+
+        def train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            return m(x, kl_weight=1.0 / NUM_DATA)
+
+        impls.append(Impl(f"varlin.{estimator}", build_train, train, None))
+
+    for estimator in VARLIN_ESTIMATORS:
+
+        def build_infer(
+            d_in: int, d_out: int, device: torch.device, estimator: str = estimator
+        ) -> nn.Module:
+            # Inference: the drop-in layer returns y only (the seed's layer also returns the KL,
+            # which a prediction does not need).
+            return varlin.VariationalLinear(d_in, d_out, estimator=estimator, device=device)
+
+        impls.append(Impl(f"varlin.{estimator}", build_infer, None, lambda m, x: m(x)))
+    impls.append(
+        Impl(
+            "varlin.deterministic",
+            lambda d_in, d_out, device: varlin.VariationalLinear(d_in, d_out, device=device),
+            None,
+            lambda m, x: m(x),
+            infer_context=varlin.deterministic,
+        )
+    )
+
+    def build_fused(d_in: int, d_out: int, device: torch.device) -> nn.Module:
+        return varlin.LinearVariationalNormal(d_in, d_out, device=device)
+
+    impls.append(
+        Impl(
+            "varlin.reparameterization [Adam fused]",
+            build_fused,
+            lambda m, x: m(x, kl_weight=1.0 / NUM_DATA),
+            None,
+            adam={"fused": True},
+            baseline="nn.Linear [Adam fused]",
+        )
+    )
+    return impls
+
+
+def _peer_impls(notes: list[str]) -> list[Impl]:
+    impls: list[Impl] = []
+    try:
+        from bayesian_torch.layers import LinearFlipout, LinearReparameterization
+    except Exception as exc:  # noqa: BLE001 - any import failure means "skip this peer"
+        notes.append(f"bayesian-torch skipped: cannot import it ({type(exc).__name__}: {exc})")
+    else:
+
+        def bt_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            out, kl = m(x)  # bayesian-torch returns the layer's KL with the output
+            return out, kl / NUM_DATA
+
+        def bt_infer(m: nn.Module, x: Tensor) -> Tensor:
+            return m(x, return_kl=False)
+
+        for cls in (LinearReparameterization, LinearFlipout):
+            impls.append(
+                Impl(
+                    f"bayesian-torch.{cls.__name__}",
+                    lambda d_in, d_out, device, cls=cls: cls(d_in, d_out).to(device),
+                    bt_train,
+                    bt_infer,
+                    peer=True,
+                )
+            )
+    try:
+        from blitz.modules import BayesianLinear
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"blitz skipped: cannot import it ({type(exc).__name__}: {exc})")
+    else:
+
+        def blitz_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            out = m(x)
+            # blitz samples the complexity cost inside forward (what nn_kl_divergence sums).
+            kl = m.log_variational_posterior - m.log_prior
+            return out, kl / NUM_DATA
+
+        impls.append(
+            Impl(
+                "blitz.BayesianLinear",
+                lambda d_in, d_out, device: BayesianLinear(d_in, d_out).to(device),
+                blitz_train,
+                lambda m, x: m(x),
+                peer=True,
+            )
+        )
+    try:
+        import torchbnn
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"torchbnn skipped: cannot import it ({type(exc).__name__}: {exc})")
+    else:
+        kl_loss = torchbnn.BKLLoss()  # the documented default (reduction="mean")
+
+        def bnn_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            return m(x), kl_loss(m) / NUM_DATA
+
+        impls.append(
+            Impl(
+                "torchbnn.BayesLinear",
+                lambda d_in, d_out, device: torchbnn.BayesLinear(
+                    prior_mu=0.0, prior_sigma=1.0, in_features=d_in, out_features=d_out
+                ).to(device),
+                bnn_train,
+                lambda m, x: m(x),
+                peer=True,
+            )
+        )
+    return impls
+
+
+# -- timing ---------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any], repeat: int) -> float:
+        """Seconds per call of ``fn``, averaged over ``repeat`` back-to-back calls."""
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) / repeat
+
+
+def _train_step(impl: Impl, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, t: Tensor):
+    forward = impl.train_forward
+    assert forward is not None
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        y, kl_term = forward(model, x)
+        loss = F.mse_loss(y, t)
+        if kl_term is not None:
+            loss = loss + kl_term
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _infer_call(impl: Impl, model: nn.Module, x: Tensor) -> Callable[[], Any]:
+    forward = impl.infer_forward
+    assert forward is not None
+
+    def call() -> Tensor:
+        with torch.no_grad():
+            return forward(model, x)
+
+    return call
+
+
+@contextlib.contextmanager
+def _maybe(ctx: contextlib.AbstractContextManager[Any] | None) -> Iterator[None]:
+    if ctx is None:
+        yield
+    else:
+        with ctx:
+            yield
+
+
+def _interleave(
+    calls: dict[str, Callable[[], Any]],
+    contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any] | None]],
+    baselines: dict[str, str],
+    timer: Timer,
+    rounds: int,
+    repeat: int,
+) -> dict[str, dict[str, Any]]:
+    """Time every call in ``rounds`` rotating rounds; medians and per-round ratios."""
+    keys = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            with _maybe(contexts[key]()):
+                times[key].append(timer(calls[key], repeat))
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        base = times[baselines[key]]
+        ratios = [a / b for a, b in zip(times[key], base, strict=True)]
+        out[key] = {
+            "median_ms": 1e3 * statistics.median(times[key]),
+            "ratio": statistics.median(ratios),
+            "baseline": baselines[key],
+            "times_ms": [round(1e3 * s, 4) for s in times[key]],
+        }
+    return out
+
+
+def _calibrate(fn: Callable[[], Any], timer: Timer, min_seconds: float) -> int:
+    """How many back-to-back calls make one measurement last at least ``min_seconds``."""
+    once = timer(fn, 1)
+    return max(1, math.ceil(min_seconds / max(once, 1e-9)))
+
+
+# -- memory ---------------------------------------------------------------------------------
+def _nbytes(tensors: Iterator[Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    state = (
+        value
+        for per_param in opt.state.values()
+        for value in per_param.values()
+        if isinstance(value, Tensor)
+    )
+    return {
+        "parameters": _nbytes(model.parameters()),
+        "buffers": _nbytes(model.buffers()),
+        "optimizer_state": _nbytes(state),
+    }
+
+
+# -- one size -------------------------------------------------------------------------------
+def run_size(
+    d: int,
+    batch: int,
+    impls: Sequence[Impl],
+    device: torch.device,
+    *,
+    rounds: int,
+    min_seconds: float,
+    warmup: int = 3,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    notes = [] if notes is None else notes
+    timer = Timer(device)
+    x = torch.randn(batch, d, device=device)
+    target = torch.randn(batch, d, device=device)
+
+    # Train step.
+    train_calls: dict[str, Callable[[], Any]] = {}
+    memory: dict[str, dict[str, Any]] = {}
+    baselines: dict[str, str] = {}
+    for impl in impls:
+        if impl.train_forward is None:
+            continue
+        try:
+            model = impl.build(d, d, device)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, **impl.adam)
+            step = _train_step(impl, model, opt, x, target)
+            for _ in range(warmup):  # allocator, Adam state, lazy init
+                step()
+        except Exception as exc:
+            if not impl.peer:
+                raise
+            notes.append(f"{impl.key} skipped at {d}: {type(exc).__name__}: {exc}")
+            continue
+        train_calls[impl.key] = step
+        baselines[impl.key] = impl.baseline
+        if impl.key in ADAM_REFERENCES:
+            # The optimizer's share of the step (grads stay set between steps).
+            train_calls[ADAM_REFERENCES[impl.key]] = opt.step
+            baselines[ADAM_REFERENCES[impl.key]] = "nn.Linear"
+        if not impl.adam and impl.key not in ("varlin.local", "varlin.flipout"):
+            # varlin's memory does not depend on the estimator: one row for the three.
+            memory[impl.key] = _memory(model, opt)
+    repeat = _calibrate(train_calls["nn.Linear"], timer, min_seconds)
+    no_ctx = {k: (lambda: None) for k in train_calls}
+    train = _interleave(train_calls, no_ctx, baselines, timer, rounds, repeat)
+
+    # Single-sample inference.
+    infer_calls: dict[str, Callable[[], Any]] = {}
+    contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any] | None]] = {}
+    for impl in impls:
+        if impl.infer_forward is None:
+            continue
+        ctx_factory = impl.infer_context
+        try:
+            model = impl.build(d, d, device)
+            call = _infer_call(impl, model, x)
+            context = (
+                (lambda m=model, f=ctx_factory: f(m)) if ctx_factory is not None else (lambda: None)
+            )
+            with _maybe(context()):
+                for _ in range(warmup):
+                    call()
+        except Exception as exc:
+            if not impl.peer:
+                raise
+            notes.append(f"{impl.key} (inference) skipped at {d}: {type(exc).__name__}: {exc}")
+            continue
+        contexts[impl.key] = context
+        infer_calls[impl.key] = call
+    repeat = _calibrate(infer_calls["nn.Linear"], timer, min_seconds)
+    inference = _interleave(
+        infer_calls, contexts, {k: "nn.Linear" for k in infer_calls}, timer, rounds, repeat
+    )
+
+    # Memory ratios: against nn.Linear's parameters (the issue's target) and its full footprint.
+    base = memory["nn.Linear"]
+    base_total = sum(base.values())
+    for entry in memory.values():
+        entry["total"] = entry["parameters"] + entry["buffers"] + entry["optimizer_state"]
+        entry["params_buffers_ratio"] = (entry["parameters"] + entry["buffers"]) / base[
+            "parameters"
+        ]
+        entry["total_ratio"] = entry["total"] / base_total
+    return {
+        "in_features": d,
+        "out_features": d,
+        "batch": batch,
+        "train": train,
+        "inference": inference,
+        "memory": memory,
+        "repeat": repeat,
+    }
+
+
+def run_mc(
+    d: int, batch: int, device: torch.device, *, rounds: int, min_seconds: float
+) -> dict[str, Any]:
+    """32 Monte Carlo samples: one batched call against 32 separate forward calls."""
+    timer = Timer(device)
+    x = torch.randn(batch, d, device=device)
+    calls: dict[str, Callable[[], Any]] = {}
+    for estimator in VARLIN_ESTIMATORS:
+        layer = varlin.VariationalLinear(d, d, estimator=estimator, device=device)
+
+        def batched(layer: nn.Module = layer) -> Tensor:
+            with torch.no_grad(), weight_samples(layer, MC_SAMPLES):
+                return layer(x.expand(MC_SAMPLES, *x.shape))
+
+        def separate(layer: nn.Module = layer) -> Tensor:
+            with torch.no_grad():
+                return torch.stack([layer(x) for _ in range(MC_SAMPLES)])
+
+        assert batched().shape == separate().shape
+        calls[f"{estimator}.batched"] = batched
+        calls[f"{estimator}.separate"] = separate
+    repeat = _calibrate(calls["reparameterization.separate"], timer, min_seconds)
+    timed = _interleave(
+        calls,
+        {k: (lambda: None) for k in calls},
+        {k: k.rsplit(".", 1)[0] + ".separate" for k in calls},
+        timer,
+        rounds,
+        repeat,
+    )
+    result: dict[str, Any] = {"in_features": d, "batch": batch, "samples": MC_SAMPLES}
+    for estimator in VARLIN_ESTIMATORS:
+        b, s = timed[f"{estimator}.batched"], timed[f"{estimator}.separate"]
+        result[estimator] = {
+            "batched_ms": b["median_ms"],
+            "separate_ms": s["median_ms"],
+            # median over rounds of separate / batched
+            "speedup": 1.0 / b["ratio"],
+        }
+    return result
+
+
+# -- targets --------------------------------------------------------------------------------
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    device = results["machine"]["device_type"]
+    rows: list[dict[str, Any]] = []
+    for (section, key), bounds in TARGETS.get(device, {}).items():
+        for size in results["sizes"]:
+            d = size["in_features"]
+            bound = bounds.get(d, bounds.get(None))
+            entry = size[section].get(key)
+            if bound is None or entry is None:
+                continue
+            value = entry["ratio"]
+            rows.append(
+                {
+                    "target": f"{section} {key} at {d}",
+                    "section": section,
+                    "impl": key,
+                    "size": d,
+                    "value": value,
+                    "bound": f"<= {bound}",
+                    "met": value <= bound,
+                    "by": value - bound,
+                }
+            )
+    for size in results["sizes"]:
+        mem = size["memory"].get("varlin.reparameterization")
+        if mem is not None:
+            value = mem["params_buffers_ratio"]
+            rows.append(
+                {
+                    "target": f"memory varlin (params + buffers) / nn.Linear params at "
+                    f"{size['in_features']}",
+                    "section": "memory",
+                    "impl": "varlin",
+                    "size": size["in_features"],
+                    "value": value,
+                    "bound": f"<= {MEMORY_TARGET}",
+                    # 2.0 exactly plus the prior's four scalar buffers (16 bytes)
+                    "met": round(value, 3) <= MEMORY_TARGET,
+                    "by": value - MEMORY_TARGET,
+                }
+            )
+    mc = results.get("mc_prediction")
+    if mc:
+        for estimator in VARLIN_ESTIMATORS:
+            value = mc[estimator]["speedup"]
+            rows.append(
+                {
+                    "target": f"MC prediction ({MC_SAMPLES} samples) {estimator}, batched vs "
+                    f"separate calls at {mc['in_features']}",
+                    "section": "mc",
+                    "impl": f"varlin.{estimator}",
+                    "size": mc["in_features"],
+                    "value": value,
+                    "bound": f">= {MC_TARGET}",
+                    "met": value >= MC_TARGET,
+                    "by": MC_TARGET - value,
+                }
+            )
+    return rows
+
+
+# -- reports --------------------------------------------------------------------------------
+def _machine(device: torch.device) -> dict[str, Any]:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "device_type": device.type,
+        "cpu": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    path = Path(varlin.__file__).resolve().parent
+    info["varlin"] = {"version": varlin.__version__, "path": str(path)}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if not path.is_relative_to(ROOT):
+            raise OSError("varlin imported from outside this checkout")
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True)
+        if head.returncode == 0:
+            info["varlin"]["git"] = head.stdout.decode().strip() + (
+                " (src modified)" if dirty.stdout.strip() else ""
+            )
+    return info
+
+
+def _fmt_table(sizes: list[dict[str, Any]], section: str) -> list[str]:
+    heads = [f"{s['in_features']}×{s['out_features']}, batch {s['batch']}" for s in sizes]
+    keys: list[str] = []
+    for s in sizes:
+        keys += [k for k in s[section] if k not in keys]
+    lines = [
+        f"| {section}: median ms (× nn.Linear, median of per-round ratios) | "
+        + " | ".join(heads)
+        + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for key in keys:
+        cells = []
+        for s in sizes:
+            e = s[section].get(key)
+            cells.append("—" if e is None else f"{e['median_ms']:.3f} ({e['ratio']:.2f}×)")
+        label = key
+        base = next((s[section][key]["baseline"] for s in sizes if key in s[section]), "")
+        if base != "nn.Linear" and key != "nn.Linear":
+            label += f" (vs {base})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt_memory(sizes: list[dict[str, Any]]) -> list[str]:
+    heads = [f"{s['in_features']}×{s['out_features']}" for s in sizes]
+    lines = [
+        "| memory: (params + buffers) / nn.Linear params; total MiB (params + buffers + Adam "
+        "state) | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    keys: list[str] = []
+    for s in sizes:
+        keys += [k for k in s["memory"] if k not in keys]
+    for key in keys:
+        cells = []
+        for s in sizes:
+            e = s["memory"].get(key)
+            cells.append(
+                "—"
+                if e is None
+                else f"{e['params_buffers_ratio']:.3f}× ; {e['total'] / 2**20:.2f} MiB"
+            )
+        label = "varlin (any estimator)" if key == "varlin.reparameterization" else key
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    device = m["device_type"]
+    where = m.get("gpu", m["cpu"]) if device == "cuda" else m["cpu"]
+    lines = [
+        f"## {'GPU' if device == 'cuda' else 'CPU'}: {where}",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, Python {m['python']}"
+        + (f", GPU {m['gpu']}" if device == "cuda" else "")
+        + f". {results['config']['rounds']} interleaved rounds per table; float32; "
+        f"loss = MSE + KL / {NUM_DATA}; torch.optim.Adam(lr=1e-3) for every row unless "
+        "marked [Adam fused].",
+        "",
+    ]
+    for note in results.get("notes", []):
+        lines.append(f"- Note: {note}")
+    if results.get("notes"):
+        lines.append("")
+    sizes = results["sizes"]
+    lines += _fmt_table(sizes, "train") + [""]
+    adam = [
+        f"{s['in_features']}: {s['train'][b]['ratio']:.2f}× vs {s['train'][a]['ratio']:.2f}×"
+        for s in sizes
+        if (a := ADAM_REFERENCES["nn.Linear"]) in s["train"]
+        and (b := ADAM_REFERENCES["varlin.reparameterization"]) in s["train"]
+    ]
+    if adam:
+        lines += [
+            "Adam alone over varlin's parameters vs over nn.Linear's, each as a multiple of "
+            "nn.Linear's whole step (the reference rows): " + "; ".join(adam) + ". The "
+            "difference is the optimizer's share of every variational train-step ratio.",
+            "",
+        ]
+    lines += _fmt_table(sizes, "inference") + [""]
+    floors = [
+        f"{s['in_features']}: {1 + ref['median_ms'] / s['train']['nn.Linear']['median_ms']:.2f}× "
+        f"(train) / {1 + ref['ratio']:.2f}× (inference)"
+        for s in sizes
+        if (ref := s["inference"].get(RNG_REFERENCE)) is not None
+    ]
+    if floors:
+        lines += [
+            "Drawing the in×out weight noise alone (the reference row) bounds what the "
+            "reparameterization and flipout estimators can reach: nn.Linear's time plus one "
+            "`torch.randn(in, out)` is " + "; ".join(floors) + ", before any other work. "
+            "The CPU generator is sequential, so this part does not shrink with more threads.",
+            "",
+        ]
+    lines += [
+        "varlin's inference rows use `varlin.VariationalLinear` (returns y only); its "
+        "training rows use `varlin.LinearVariationalNormal` (returns y, kl). "
+        "`varlin.deterministic` is the posterior-mean mode (`with varlin.deterministic(layer)`).",
+        "",
+    ]
+    lines += _fmt_memory(sizes) + [""]
+    mc = results.get("mc_prediction")
+    if mc:
+        lines += [
+            f"| MC prediction, {mc['samples']} samples, {mc['in_features']}×"
+            f"{mc['in_features']}, batch {mc['batch']} | one batched call (ms) | "
+            f"{mc['samples']} separate calls (ms) | speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        for estimator in VARLIN_ESTIMATORS:
+            e = mc[estimator]
+            lines.append(
+                f"| varlin {estimator} | {e['batched_ms']:.3f} | {e['separate_ms']:.3f} | "
+                f"{e['speedup']:.2f}× |"
+            )
+        lines.append("")
+    targets = evaluate_targets(results)  # from the measurements, also for older JSON files
+    if targets:
+        lines += ["| target (issue 6) | measured | bound | |", "|---|---:|---|---|"]
+        for row in targets:
+            verdict = "met" if row["met"] else f"**missed** by {row['by']:.2f}"
+            lines.append(f"| {row['target']} | {row['value']:.3f} | {row['bound']} | {verdict} |")
+        lines.append("")
+        lines += _why_missed(targets)
+    return "\n".join(lines)
+
+
+# Why a target can be missed, per (section, implementation): the work the estimator must do on
+# top of nn.Linear's step, whatever the implementation.
+_REASONS = {
+    ("train", "varlin.reparameterization"): (
+        "beyond nn.Linear's two GEMMs the step must draw in×out normals (sequential CPU "
+        "generator, see the reference row), run Adam over twice the parameters (loc and "
+        "raw_scale; Adam's time grows faster than the parameter count once its state leaves "
+        "the cache), and do softplus and the closed-form KL over in×out elements forward and "
+        "backward"
+    ),
+    ("train", "varlin.flipout"): (
+        "everything the reparameterization step does (in×out normals, Adam over 2× the "
+        "parameters, softplus and KL) plus two more GEMMs: flipout's perturbation is a second "
+        "matmul forward and a second weight-gradient matmul backward"
+    ),
+    ("train", "varlin.local"): (
+        "four GEMMs instead of two (mean and variance, forward and backward), Adam over 2× the "
+        "parameters, softplus and the KL over in×out elements"
+    ),
+    ("inference", "varlin.reparameterization"): (
+        "one weight sample needs in×out normals, and nn.Linear plus `torch.randn(in, out)` "
+        "alone (the floor under the inference table) is already above the bound; the rest is "
+        "softplus of the scale and forming the sampled weight"
+    ),
+    ("inference", "varlin.deterministic"): "the posterior mean is `x @ loc + b` (bit-identical)",
+    ("mc", "varlin.reparameterization"): (
+        "32 independent weight samples need 32×in×out normals whether drawn in one call or in "
+        "32; batching saves the per-call overhead and 31 softplus passes, not the random "
+        "numbers, which dominate at this size"
+    ),
+}
+
+
+def _why_missed(targets: list[dict[str, Any]]) -> list[str]:
+    missed: dict[tuple[str, str], list[str]] = {}
+    for row in targets:
+        if not row["met"]:
+            missed.setdefault((row["section"], row["impl"]), []).append(
+                f"{row['size']}: {row['value']:.2f} vs {row['bound']}"
+            )
+    if not missed:
+        return []
+    lines = ["Why the misses:", ""]
+    for (section, impl), where in missed.items():
+        reason = _REASONS.get((section, impl), "see the tables above")
+        lines.append(f"- {section} {impl} ({'; '.join(where)}): {reason}.")
+    return [*lines, ""]
+
+
+def _describe_code(results: dict[str, Any]) -> str:
+    info = results["machine"].get("varlin", {})
+    what = results.get("label") or info.get("git") or info.get("path") or "unknown"
+    return f"varlin {what}"
+
+
+def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Ratios to nn.Linear of varlin's rows before and after the speed work, side by side."""
+    sizes = [
+        (b, a)
+        for b in before["sizes"]
+        for a in after["sizes"]
+        if (b["in_features"], b["batch"]) == (a["in_features"], a["batch"])
+    ]
+    heads = [f"{a['in_features']}×{a['out_features']}, batch {a['batch']}" for _, a in sizes]
+    lines = [
+        "## Before and after the speed work (CPU)",
+        "",
+        f"Before: {_describe_code(before)}, measured by this script with the same protocol on "
+        f"the same machine (`speed_before.json`); after: this page's run "
+        f"({_describe_code(after)}). Ratio to nn.Linear (median of per-round ratios), "
+        "before → after.",
+        "",
+        "| × nn.Linear | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for section in ("train", "inference"):
+        keys = [k for k in after["sizes"][0][section] if k.startswith("varlin.")]
+        for key in keys:
+            cells = []
+            for b, a in sizes:
+                eb, ea = b[section].get(key), a[section].get(key)
+                cells.append(
+                    "—" if eb is None or ea is None else f"{eb['ratio']:.2f} → {ea['ratio']:.2f}"
+                )
+            lines.append(f"| {section} {key} | " + " | ".join(cells) + " |")
+    mb, ma = before.get("mc_prediction"), after.get("mc_prediction")
+    if mb and ma:
+        for estimator in VARLIN_ESTIMATORS:
+            lines.append(
+                f"| MC prediction speed-up, {estimator} (at {ma['in_features']}) | "
+                f"{mb[estimator]['speedup']:.2f} → {ma[estimator]['speedup']:.2f} |"
+                + " |"
+                * (len(sizes) - 1)
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path) -> Path:
+    """(Re)write ``speed.md`` from the JSON files in ``out``.
+
+    ``speed.json`` (CPU) and ``speed_cuda.json`` (GPU) each give a section; ``speed_before.json``
+    (a CPU run of the code before the speed work) adds a before/after table.
+    """
+    parts = [
+        "# Speed: varlin vs nn.Linear and the peers",
+        "",
+        "Generated by `benchmarks/speed.py` from the JSON files next to this page "
+        "(issue 6). Times are medians over interleaved rounds in one process; ratios are the "
+        "median of the per-round ratios to nn.Linear.",
+        "",
+    ]
+    for name in ("speed.json", "speed_cuda.json"):
+        path = out / name
+        if path.exists():
+            parts.append(render_markdown(json.loads(path.read_text())))
+    before, after = out / "speed_before.json", out / "speed.json"
+    if before.exists() and after.exists():
+        parts.append(
+            render_before_after(json.loads(before.read_text()), json.loads(after.read_text()))
+        )
+    md = out / "speed.md"
+    md.write_text("\n".join(parts).rstrip() + "\n")
+    return md
+
+
+# -- entry point ----------------------------------------------------------------------------
+def _parse_sizes(values: Sequence[str]) -> list[tuple[int, int]]:
+    sizes = []
+    for v in values:
+        try:
+            d, b = (int(p) for p in v.split(":"))
+        except ValueError:
+            raise SystemExit(  # noqa: B904 - a usage error, not a chained failure
+                f"--sizes: expected FEATURES:BATCH such as 1024:256, got {v!r}"
+            )
+        sizes.append((d, b))
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="FEATURES:BATCH",
+        help="square layer sizes and batch sizes (default: CPU 256:128 1024:256 2048:512; "
+        "GPU 256:1024 1024:1024 4096:1024)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (15)")
+    parser.add_argument("--min-ms", type=float, default=None, help="min ms per measurement (30)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (all CPUs)")
+    parser.add_argument("--label", default=None, help="what code this run measures (for notes)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--render-only", action="store_true", help="rebuild speed.md from the JSON in --out"
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `varlin bench -- --quick ...` passes the separator through
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    if args.render_only:
+        print(write_reports(args.out).read_text())
+        return {}
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    if args.quick:
+        sizes = _parse_sizes(args.sizes) if args.sizes else [(32, 16)]
+        rounds = args.rounds or 3
+        min_seconds = (args.min_ms if args.min_ms is not None else 0.0) / 1e3
+        warmup = 1
+    else:
+        default = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+        sizes = _parse_sizes(args.sizes) if args.sizes else list(default)
+        rounds = args.rounds or 15
+        min_seconds = (args.min_ms if args.min_ms is not None else 30.0) / 1e3
+        warmup = 3
+
+    notes: list[str] = []
+    impls = _linear_impls() + _varlin_impls()
+    if not args.no_peers:
+        impls += _peer_impls(notes)
+    for note in notes:
+        print("note:", note, file=sys.stderr)
+
+    command = "python benchmarks/speed.py " + shlex.join(argv)
+    results: dict[str, Any] = {
+        "command": command.strip(),
+        "label": args.label,
+        "machine": _machine(device),
+        "config": {"rounds": rounds, "min_ms": 1e3 * min_seconds, "num_data": NUM_DATA},
+        "notes": notes,
+        "sizes": [],
+    }
+    start = time.perf_counter()
+    for d, batch in sizes:
+        print(f"size {d}x{d}, batch {batch} ...", file=sys.stderr, flush=True)
+        results["sizes"].append(
+            run_size(
+                d,
+                batch,
+                impls,
+                device,
+                rounds=rounds,
+                min_seconds=min_seconds,
+                warmup=warmup,
+                notes=notes,
+            )
+        )
+    d0, b0 = min(sizes)
+    print(f"MC prediction at {d0}x{d0}, batch {b0} ...", file=sys.stderr, flush=True)
+    results["mc_prediction"] = run_mc(d0, b0, device, rounds=rounds, min_seconds=min_seconds)
+    results["wall_seconds"] = time.perf_counter() - start
+    results["targets"] = evaluate_targets(results)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "speed_cuda.json" if device.type == "cuda" else "speed.json"
+    (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+    if device.type == "cuda":
+        md = args.out / "speed_cuda.md"
+        md.write_text(render_markdown(results) + "\n")
+    else:
+        md = write_reports(args.out)
+    print(render_markdown(results))
+    print(f"wrote {args.out / name} and {md} in {results['wall_seconds']:.0f} s", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

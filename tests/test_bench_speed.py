@@ -1,0 +1,72 @@
+"""Smoke test of benchmarks/speed.py: a tiny --quick run writes a well-formed JSON and table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _load_speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
+    speed = _load_speed()
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--quick", "--sizes", "16:4", "--rounds", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the script sets all CPUs; leave the session as it was
+
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert {"command", "machine", "config", "sizes", "mc_prediction", "targets"} <= set(data)
+    assert {"cpu_count", "torch", "device_type"} <= set(data["machine"])
+    (size,) = data["sizes"]
+    assert (size["in_features"], size["batch"]) == (16, 4)
+
+    train, inference, memory = size["train"], size["inference"], size["memory"]
+    expected_train = {"nn.Linear"} | {f"varlin.{e}" for e in speed.VARLIN_ESTIMATORS}
+    assert expected_train <= set(train)
+    assert expected_train | {"varlin.deterministic"} <= set(inference)
+    for entry in [*train.values(), *inference.values()]:
+        assert _positive(entry["median_ms"]) and _positive(entry["ratio"])
+        assert len(entry["times_ms"]) == 2
+    assert train["nn.Linear"]["ratio"] == 1.0
+
+    assert {"nn.Linear", "varlin.reparameterization"} <= set(memory)
+    for entry in memory.values():
+        assert _positive(entry["parameters"]) and _positive(entry["total"])
+        assert _positive(entry["params_buffers_ratio"])
+    # the default prior is two scalars per tensor: 2 x nn.Linear's parameters plus 16 bytes
+    varlin_mem = memory["varlin.reparameterization"]
+    assert varlin_mem["parameters"] == 2 * memory["nn.Linear"]["parameters"]
+    assert varlin_mem["buffers"] == 4 * 4
+
+    mc = data["mc_prediction"]
+    assert mc["samples"] == speed.MC_SAMPLES
+    for estimator in speed.VARLIN_ESTIMATORS:
+        assert all(_positive(mc[estimator][k]) for k in ("batched_ms", "separate_ms", "speedup"))
+
+    assert all({"target", "value", "bound", "met"} <= set(row) for row in data["targets"])
+    table = (tmp_path / "speed.md").read_text()
+    assert "nn.Linear" in table and data["command"] in table
