@@ -545,3 +545,12 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
         cli.main(["fit", "data.csv", "--target", "y", "--out", "m.pt", "--epochs", "0"])
     assert info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_bench_passes_its_options_through(tmp_path: Path) -> None:
+    """``varlin bench --quick ...``: options after ``bench`` go to benchmarks/speed.py."""
+    args = ["--quick", "--sizes", "16:4", "--rounds", "2", "--out", str(tmp_path)]
+    code = cli.main(["bench", *args])
+    assert code == 0
+    assert (tmp_path / "speed.json").is_file()
+    assert (tmp_path / "speed.md").read_text().startswith("# Speed")

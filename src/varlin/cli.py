@@ -669,7 +669,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``varlin: error: ...`` and returns 1.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to benchmarks/speed.py, options included (argparse's
+        # REMAINDER would reject a leading option such as --quick).
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except CLIError as exc:
