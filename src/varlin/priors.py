@@ -110,8 +110,11 @@ class ScaleMixtureNormal(Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        lp1 = Normal(0.0, self.scale1, validate_args=False).log_prob(value)
-        lp2 = Normal(0.0, self.scale2, validate_args=False).log_prob(value)
+        # Written out rather than through Normal(0.0, scale): a Python 0.0 becomes a new device
+        # tensor on every call, a host-to-device copy (a sync) on the GPU.
+        half_log_2pi = 0.5 * math.log(2 * math.pi)
+        lp1 = -0.5 * (value / self.scale1) ** 2 - torch.log(self.scale1) - half_log_2pi
+        lp2 = -0.5 * (value / self.scale2) ** 2 - torch.log(self.scale2) - half_log_2pi
         return torch.logaddexp(torch.log(self.mixing) + lp1, torch.log1p(-self.mixing) + lp2)
 
     def sample(self, sample_shape: Any = ()) -> Tensor:
