@@ -709,7 +709,7 @@ def fit(
                 }
                 if "val_nll" in record:
                     postfix["val_nll"] = f"{record['val_nll']:.4g}"
-                bar.set_postfix(postfix)
+                bar.set_postfix(postfix, refresh=False)  # redrawn at tqdm's own pace
                 if checkpoint is not None:
                     save_checkpoint(checkpoint, full_state(epoch))
                 if history.stopped_early:
