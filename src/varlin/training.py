@@ -709,7 +709,8 @@ def fit(
                 }
                 if "val_nll" in record:
                     postfix["val_nll"] = f"{record['val_nll']:.4g}"
-                bar.set_postfix(postfix, refresh=False)  # redrawn at tqdm's own pace
+                # Redrawn at tqdm's own pace, and once at the end so the last values show.
+                bar.set_postfix(postfix, refresh=epoch + 1 == epochs or history.stopped_early)
                 if checkpoint is not None:
                     save_checkpoint(checkpoint, full_state(epoch))
                 if history.stopped_early:
