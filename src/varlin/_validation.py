@@ -9,6 +9,7 @@ process-wide flag.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import contextvars
@@ -240,3 +241,26 @@ def weights_only_safe(name: str, value: Any) -> None:
         "torch.load(weights_only=True) refuses; store tensors, Python numbers, strings and "
         "dicts/lists of them"
     )
+
+
+# -- command-line argument types (argparse ``type=`` callables) --------------------------------
+def arg_positive_int(text: str) -> int:
+    """``argparse`` type: a positive integer, with the rule in the message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def arg_positive_float(text: str) -> float:
+    """``argparse`` type: a finite number > 0, with the rule in the message."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value

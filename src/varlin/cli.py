@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import _validation as V
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 from .predictive import ClassificationPrediction, RegressionPrediction, predict
@@ -569,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on embedded data; print metrics; write figures")
     p.add_argument("--out", default="varlin-demo", help="folder for the figures (created)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=_positive_float, default=1.0, help="training length multiplier")
+    p.add_argument(
+        "--scale", type=V.arg_positive_float, default=1.0, help="training length multiplier"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -599,11 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="regression noise: one learned scale, or a scale predicted per row",
     )
     p.add_argument("--estimator", choices=ESTIMATORS, default="local")
-    p.add_argument("--hidden", type=_positive_int, default=50, help="units per hidden layer")
-    p.add_argument("--depth", type=_positive_int, default=1, help="number of hidden layers")
-    p.add_argument("--epochs", type=_positive_int, default=200)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_positive_float, default=1e-2)
+    p.add_argument("--hidden", type=V.arg_positive_int, default=50, help="units per hidden layer")
+    p.add_argument("--depth", type=V.arg_positive_int, default=1, help="number of hidden layers")
+    p.add_argument("--epochs", type=V.arg_positive_int, default=200)
+    p.add_argument("--batch-size", type=V.arg_positive_int, default=32)
+    p.add_argument("--lr", type=V.arg_positive_float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_fit)
@@ -619,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file written by 'varlin fit'")
     p.add_argument("data", help="CSV file with the model's feature columns (others are kept)")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--num-samples", type=_positive_int, default=256, help="posterior samples")
+    p.add_argument("--num-samples", type=V.arg_positive_int, default=256, help="posterior samples")
     p.add_argument("--level", type=_level, default=0.9, help="interval level in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_predict)
@@ -635,28 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _level(text: str) -> float:
-    value = _positive_float(text)
+    value = V.arg_positive_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value

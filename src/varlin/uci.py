@@ -55,6 +55,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import _validation as V
 from . import functional, priors
 from .data import UCI_DATASETS, Standardizer, UCIDataset, load_uci
 from .functional import inverse_softplus
@@ -694,26 +695,6 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``varlin uci`` (and ``benchmarks/uci.py``) to ``parser``."""
     parser.add_argument(
@@ -728,7 +709,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="root of a local copy in the UCI layout (default: download into the cache)",
     )
     parser.add_argument(
-        "--splits", type=_positive_int, default=None, help="use the first K splits (default all)"
+        "--splits",
+        type=V.arg_positive_int,
+        default=None,
+        help="use the first K splits (default all)",
     )
     parser.add_argument(
         "--estimator", choices=["reparameterization", "local", "flipout"], default="local"
@@ -737,17 +721,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--likelihood", choices=["homoscedastic", "heteroscedastic"], default="homoscedastic"
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=None, help="override the per-dataset epochs"
+        "--epochs", type=V.arg_positive_int, default=None, help="override the per-dataset epochs"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=None)
-    parser.add_argument("--lr", type=_positive_float, default=None)
-    parser.add_argument("--init-scale", type=_positive_float, default=None)
-    parser.add_argument("--prior-scale", type=_positive_float, default=None)
+    parser.add_argument("--batch-size", type=V.arg_positive_int, default=None)
+    parser.add_argument("--lr", type=V.arg_positive_float, default=None)
+    parser.add_argument("--init-scale", type=V.arg_positive_float, default=None)
+    parser.add_argument("--prior-scale", type=V.arg_positive_float, default=None)
     parser.add_argument(
-        "--noise-init", type=_positive_float, default=None, help="standardised units"
+        "--noise-init", type=V.arg_positive_float, default=None, help="standardised units"
     )
     parser.add_argument(
-        "--test-samples", type=_positive_int, default=None, help="posterior samples S"
+        "--test-samples", type=V.arg_positive_int, default=None, help="posterior samples S"
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
@@ -758,7 +742,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "independent models; fit: varlin.fit per split (the reference route, slower)",
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=1, help="parallel processes, one thread each"
+        "--workers", type=V.arg_positive_int, default=1, help="parallel processes, one thread each"
     )
     parser.add_argument(
         "--validation",
