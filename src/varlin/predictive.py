@@ -197,17 +197,8 @@ def _closed_form(
     V.last_dim(name, h, head.in_features, "in_features")
     V.same_dtype(name, h, head.w_loc)
     # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
-    mean = h @ head.w_loc
-    if h.device.type != "meta" and torch.is_autocast_enabled(h.device.type):
-        # h**2 overflows float16 for |h| > 256: the variance path stays in full precision.
-        with torch.autocast(h.device.type, enabled=False):
-            hf = h.to(head.w_scale.dtype)
-            var = (hf * hf) @ (head.w_scale**2)
-    else:
-        var = (h * h) @ (head.w_scale**2)
-    if head.b_posterior is not None:
-        mean = mean + head.b_posterior.loc
-        var = var + head.b_posterior.scale**2
+    moments = head.output_moments(h)
+    mean, var = moments.loc, moments.variance
     if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
         var = torch.zeros_like(var)
     if mean.shape[-1] == 1:
