@@ -28,7 +28,6 @@ import math
 import os
 import runpy
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, _io
 from . import _validation as V
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
@@ -149,35 +148,19 @@ def check_output_path(path: str) -> Path:
     return target
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success.
 
-    On any error inside the block the temporary file is removed and ``path`` is untouched. The
-    file gets the permissions an ordinary ``open(path, "w")`` would (``0o666`` less the umask),
-    not ``mkstemp``'s private ``0o600``.
+    On any error inside the block the temporary file is removed and ``path`` is untouched
+    (:func:`varlin._io.atomic_path`); errors of the file system become one-line CLI errors.
     """
     target = check_output_path(str(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise CLIError(f"{path}: cannot write in {str(target.parent)!r} ({exc})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
+        with _io.atomic_path(target) as tmp:
+            yield tmp
     except OSError as exc:
         raise CLIError(f"{path}: cannot write the file ({exc})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -26,13 +26,11 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import math
 import operator
 import os
-import tempfile
 import types
 import urllib.error
 import urllib.request
@@ -48,6 +46,8 @@ from torch import Tensor
 from torch.distributions import MultivariateNormal
 
 from varlin._uci_checksums import UCI_SHA256
+
+from ._io import atomic_write
 
 __all__ = [
     "REGRESSION_1D_DOMAIN",
@@ -832,33 +832,21 @@ def _read_dataset(name: str, folder: Path, checksums: Mapping[str, str] | None) 
 def _fetch(url: str, dest: Path, sha256: str, *, timeout: float) -> None:
     """Download ``url`` to ``dest`` via a temporary file; rename only after the hash matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    while chunk := response.read(_DOWNLOAD_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except urllib.error.URLError as err:
-                raise OSError(f"Could not download {url!r}: {err.reason}") from err
-            out.flush()
-            os.fsync(out.fileno())
+    digest = hashlib.sha256()
+    with atomic_write(dest, "wb", durable=True) as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                while chunk := response.read(_DOWNLOAD_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except urllib.error.URLError as err:
+            raise OSError(f"Could not download {url!r}: {err.reason}") from err
         actual = digest.hexdigest()
-        if actual != sha256:
+        if actual != sha256:  # raised inside the block: the temporary file is removed
             raise ValueError(
                 f"Checksum mismatch for download {url!r}: expected sha256 {sha256}, got {actual}; "
                 f"nothing was written to {str(dest)!r}"
             )
-        # mkstemp creates the file 0600; the data are public and a cache may be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _fetch_missing(name: str, folder: Path, base_url: str, timeout: float) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _validation as V
+from ._io import atomic_write
 from .elbo import ELBO
 from .layers import kl_divergence, variational_layers
 from .likelihoods import Likelihood
@@ -110,24 +110,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     V.weights_only_safe("state", state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+    with atomic_write(path, "wb", durable=True) as fh:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:

@@ -40,7 +40,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 
 from . import _validation as V
 from . import functional, priors
+from ._io import atomic_write
 from .data import UCI_DATASETS, Standardizer, UCIDataset, load_uci
 from .functional import inverse_softplus
 from .kl import normal_kl
@@ -680,18 +680,9 @@ def _update(bar: Any, results: list[SplitResult], n: int) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
 
 
 # -- command line -----------------------------------------------------------------------------
