@@ -109,6 +109,17 @@ def mean_linear(x: Tensor, w_loc: Tensor, b_loc: Tensor | None = None) -> Tensor
     return y if b_loc is None else y + b_loc
 
 
+def _check_sample_dim(x: Tensor, num_weight_samples: int) -> int:
+    """``num_weight_samples``, after checking that ``x`` leads with a dimension of that size."""
+    if x.dim() < 2 or x.shape[0] != num_weight_samples:
+        # reshape(s, -1, in) would otherwise silently regroup examples across samples.
+        raise ValueError(
+            f"x must have a leading sample dimension num_weight_samples={num_weight_samples}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return num_weight_samples
+
+
 def reparameterized_linear(
     x: Tensor,
     w_loc: Tensor,
@@ -147,13 +158,7 @@ def reparameterized_linear(
             bias = _shift_scaled(b_loc, b_scale, eps_b)
         return _affine(x, weight, bias)
 
-    s = num_weight_samples
-    if x.dim() < 2 or x.shape[0] != s:
-        # reshape(s, -1, in) would otherwise silently regroup examples across samples.
-        raise ValueError(
-            f"x must have a leading sample dimension num_weight_samples={s}, "
-            f"got shape {tuple(x.shape)}"
-        )
+    s = _check_sample_dim(x, num_weight_samples)
     in_features, out_features = w_loc.shape
     shape = (s, in_features, out_features)
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
@@ -308,21 +313,32 @@ def flipout_linear(
     Each example sees a weight perturbation :math:`\Delta W \odot r_n s_n^\top` with the same
     marginal distribution as :math:`\Delta W`, but pairs of examples are (pseudo-)independent.
     """
-    del num_weight_samples  # per-example perturbations already differ
     rows = _shared_rows(x, w_loc)  # the mean of a repeated batch is computed once
     mean = _affine(rows, w_loc, b_loc)
-    eps = torch.randn(w_loc.shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
+    # With num_weight_samples=S each slice x[s] gets its own perturbation (S draws, one bmm):
+    # a single shared draw would make the S outputs of one example share it, and their spread
+    # would not estimate the posterior's.
+    lead = () if num_weight_samples is None else (_check_sample_dim(x, num_weight_samples),)
+    eps = torch.randn(
+        (*lead, *w_loc.shape), generator=generator, device=w_loc.device, dtype=w_loc.dtype
+    )
     delta_w = w_scale * eps
     sign_in = _random_signs(x.shape, generator, x)
     sign_out = _random_signs((*x.shape[: x.dim() - rows.dim()], *mean.shape), generator, mean)
     delta_b = None
     if b_loc is not None:
         assert b_scale is not None
-        eps_b = torch.randn(
-            b_loc.shape, generator=generator, device=b_loc.device, dtype=b_loc.dtype
-        )
+        shape_b = (*lead, *([1] if lead else []), *b_loc.shape)
+        eps_b = torch.randn(shape_b, generator=generator, device=b_loc.device, dtype=b_loc.dtype)
         delta_b = b_scale * eps_b
-    perturbation = _affine(x * sign_in, delta_w, delta_b)
+    if lead:
+        flat = (x * sign_in).reshape(lead[0], -1, w_loc.shape[0])
+        perturbation = torch.bmm(flat, delta_w.to(flat.dtype))
+        if delta_b is not None:
+            perturbation = perturbation + delta_b
+        perturbation = perturbation.reshape(*x.shape[:-1], w_loc.shape[1])
+    else:
+        perturbation = _affine(x * sign_in, delta_w, delta_b)
     return torch.addcmul(mean, perturbation, sign_out)
 
 

@@ -22,9 +22,7 @@ Classification, by the decomposition of the predictive entropy:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -268,9 +266,8 @@ def predict(
         model: a module with variational layers; its output is the likelihood's input. A model
             returning ``(y, kl)`` (the seed's layer) is accepted.
         x: inputs ``(N, in_features)``.
-        num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass;
-            flipout layers draw whole weight samples here (same predictive, independent
-            samples along ``S``).
+        num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass,
+            independent along ``S`` for every estimator.
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
             mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
             :class:`~varlin.likelihoods.Categorical` give a classification summary.
@@ -303,26 +300,6 @@ def predict(
     outs = []
     for chunk in x.split(max(size, 1)):
         expanded = chunk.unsqueeze(0).expand(num_samples, *chunk.shape)
-        with weight_samples(model, num_samples), _whole_weight_samples(model):
+        with weight_samples(model, num_samples):
             outs.append(_call(model, expanded))
     return _summarise(torch.cat(outs, dim=1), likelihood)
-
-
-@contextlib.contextmanager
-def _whole_weight_samples(model: nn.Module) -> Iterator[None]:
-    """Flipout layers draw whole weight samples (reparameterization) while predicting.
-
-    Flipout shares one perturbation across everything in a call and decorrelates examples by
-    random signs; stacked along the sample dimension, the ``S`` outputs of one example then share
-    that perturbation, and their variance converges to a random value, not the epistemic
-    variance. The predictive does not depend on the estimator (all three have the same
-    per-example distribution), so prediction uses independent weight samples instead.
-    """
-    flipout = [layer for layer in variational_layers(model) if layer.estimator == "flipout"]
-    try:
-        for layer in flipout:
-            layer.estimator = "reparameterization"
-        yield
-    finally:
-        for layer in flipout:
-            layer.estimator = "flipout"
