@@ -4,11 +4,22 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, convert, functional, kl, likelihoods, metrics, posteriors, priors
+from . import (
+    conjugate,
+    convert,
+    ensemble,
+    functional,
+    kl,
+    likelihoods,
+    metrics,
+    posteriors,
+    priors,
+)
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
 from .convert import bayesian_last_layer, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
+from .ensemble import fit_ensemble
 from .layers import (
     LinearVariationalNormal,
     VariationalLinear,
@@ -30,6 +41,8 @@ __all__ = [
     "History",
     "RegressionPrediction",
     "fit",
+    "fit_ensemble",
+    "ensemble",
     "likelihoods",
     "metrics",
     "predict",

@@ -40,10 +40,11 @@ from torch import nn
 
 from . import __version__, _io
 from . import _validation as V
+from .errors import CheckpointError, CLIError, NonFiniteLossError
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 from .predictive import ClassificationPrediction, RegressionPrediction, predict
-from .training import CheckpointError, NonFiniteLossError, fit, load_checkpoint, save_checkpoint
+from .training import fit, load_checkpoint, save_checkpoint
 
 __all__ = ["main", "build_parser", "build_mlp", "load_model_file", "CLIError"]
 
@@ -55,10 +56,6 @@ LIKELIHOODS = ("homoscedastic", "heteroscedastic")
 AUTO_MAX_CLASSES = 10
 #: Rows predicted per batch: bounds the memory of ``num_samples x rows x hidden`` activations.
 PREDICT_CHUNK = 1024
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
 
 
 # -- CSV --------------------------------------------------------------------------------------
