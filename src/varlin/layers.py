@@ -24,7 +24,7 @@ from torch.distributions import Distribution, Normal
 from . import _validation as V
 from . import functional
 from . import priors as _priors
-from .kl import distribution_kl, normal_kl_sum
+from .kl import distribution_kl_sum, normal_kl_sum
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -181,9 +181,9 @@ class BayesianLinearBase(nn.Module):
             # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
             # closed-form backward.
             return normal_kl_sum(q.loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
-        return distribution_kl(
+        return distribution_kl_sum(
             Normal(q.loc, scale, validate_args=False), p(), generator=generator
-        ).sum()
+        )
 
     def kl_divergence(self) -> Tensor:
         r""":math:`KL(q(W)\|p(W)) + KL(q(b)\|p(b))`, summed over all entries, unweighted (0-dim)."""
