@@ -418,7 +418,7 @@ def test_one_dimensional_x_classification_and_multi_output_are_unbatched() -> No
     reg = _regression(varlin.predict(model, x, num_samples=8))  # 3 outputs, no likelihood
     assert reg.mean.shape == (3,) and reg.sample_means is not None
     assert reg.sample_means.shape == (8, 3)
-    with pytest.raises(ValueError, match=r"or \(in_features,\) for one example"):
+    with pytest.raises(ValueError, match=r"x must have shape \(N, ...\) .* got shape \(\)"):
         varlin.predict(model, torch.tensor(1.0, dtype=F64))
 
 

@@ -16,6 +16,7 @@ KLs are always **summed** over the parameters, never averaged: the ELBO needs th
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -181,10 +182,14 @@ def distribution_kl(
         return torch.distributions.kl_divergence(q, p)
     except NotImplementedError:
         pass
-    if isinstance(q, Normal) and generator is not None:
+    if isinstance(q, Normal):
         eps = torch.randn(q.loc.shape, generator=generator, device=q.loc.device, dtype=q.loc.dtype)
         z = q.loc + q.scale * eps
-    elif q.has_rsample:
+        # log q(z) from the noise itself, the same value as q.log_prob(z) but exact where
+        # (z - loc) / scale rounds, or where scale**2 underflows (a scale at its floor).
+        log_q = -0.5 * eps.square() - torch.log(q.scale) - 0.5 * math.log(2 * math.pi)
+        return log_q - p.log_prob(z)
+    if q.has_rsample:
         z = q.rsample()
     else:
         raise NotImplementedError(

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
@@ -191,8 +190,9 @@ class BayesianLinearBase(nn.Module):
 
     def _scales(self) -> tuple[Tensor, Tensor | None]:
         """``softplus(raw_scale)`` of the weight and the bias posteriors, once."""
-        b_scale = None if self.b_posterior is None else F.softplus(self.b_posterior.raw_scale)
-        return F.softplus(self.w_posterior.raw_scale), b_scale
+        b_raw = None if self.b_posterior is None else self.b_posterior.raw_scale
+        b_scale = None if b_raw is None else functional.positive_scale(b_raw)
+        return functional.positive_scale(self.w_posterior.raw_scale), b_scale
 
     def _kl_divergence(self, w_scale: Tensor | None, b_scale: Tensor | None) -> Tensor:
         kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator, w_scale)

@@ -471,13 +471,14 @@ def predict(
     Returns:
         :class:`RegressionPrediction` or :class:`ClassificationPrediction`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_samples = V.positive_int("num_samples", num_samples)
     V.one_of("method", method, ("auto", "mc", "closed_form"))
     V.floating_tensor("x", x)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(
-            f"x must have shape (N, ...) with N >= 1 examples, or (in_features,) for one "
-            f"example, got shape {tuple(x.shape)}"
+            f"x must have shape (N, ...) with N >= 1 examples, got shape {tuple(x.shape)}"
         )
     if x.dim() == 1:  # one example, as nn.Linear reads a 1-D input: the prediction is unbatched
         return _unbatched(
