@@ -494,9 +494,9 @@ def run(
         KeyboardInterrupt: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch stays.
     """
     parts = _Parts(trainee, batches, options, validation)
-    step, stopper, histories = parts.step, parts.stopper, parts.histories
+    step, stopper = parts.step, parts.stopper
     start = parts.resume()
-    histories = parts.histories  # a resumed run continues the saved ones
+    histories = parts.histories  # after resume: a resumed run continues the saved ones
     trainee.hooks.broadcast()
     last_good = trainee.snapshot()
     was_training = trainee.training
