@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,7 +314,8 @@ def test_posterior_is_passed_through_to_the_layers(monkeypatch: pytest.MonkeyPat
         VariationalMLPRegressor, posterior="lowrank", posterior_options={"rank": 2}, max_iter=2
     )
     reg.fit(X, y)
-    assert _RecordingLayer.calls == [{"posterior": "lowrank", "rank": 2}] * 2  # two layers
+    # a 1 x 1 probe (the hyper-parameter check), then the network's two layers
+    assert _RecordingLayer.calls == [{"posterior": "lowrank", "rank": 2}] * 3
     with pytest.raises(ValueError, match="posterior must be one of 'meanfield', 'lowrank', got"):
         reg.set_params(posterior="nonesuch").fit(X, y)
 
@@ -332,6 +334,7 @@ def test_unknown_posterior_is_refused_by_name() -> None:
         ({"hidden_layer_sizes": 2.5}, TypeError, "hidden_layer_sizes must be a positive integer"),
         ({"activation": "softmax"}, ValueError, "activation must be one of 'identity'"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": "big"}, ValueError, "batch_size must be 'auto' or a positive integer"),
         ({"learning_rate_init": 0.0}, ValueError, "learning_rate_init must be > 0.0, got 0.0"),
         ({"max_iter": 0}, ValueError, "max_iter must be a positive integer, got 0"),
         ({"early_stopping": "yes"}, TypeError, "early_stopping must be True or False"),
@@ -353,6 +356,7 @@ def test_bad_hyper_parameters_are_named_at_fit(
     reg = _small(VariationalMLPRegressor, **params)  # the constructor only stores them
     with pytest.raises(error, match=message):
         reg.fit(X, y)
+    assert not [k for k in vars(reg) if k.endswith("_")]  # nothing fitted is left behind
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -360,6 +364,20 @@ def test_cuda_device_without_cuda_is_refused() -> None:
     X, y = _linear_data(20, seed=15)
     with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
         _small(VariationalMLPRegressor, device="cuda").fit(X, y)
+
+
+def test_readme_example_runs() -> None:
+    """The README's scikit-learn snippet runs as written (with 5 epochs)."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    start = readme.index("```python\nfrom sklearn.datasets import load_diabetes")
+    code = readme[start + len("```python\n") : readme.index("\n```", start)]
+    code, replaced = re.subn(r"random_state=0\)", "random_state=0, max_iter=5)", code)
+    assert replaced == 1
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    mean, std, split = namespace["mean"], namespace["std"], namespace["split"]
+    assert mean.shape == std.shape == (442,) and np.all(std > 0)
+    np.testing.assert_allclose(split.std, std)
 
 
 # ---------------------------------------------------------------------------------------------

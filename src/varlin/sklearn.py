@@ -233,6 +233,10 @@ class _VariationalMLP(BaseEstimator):
             "prior_scale": V.real("prior_scale", self.prior_scale, min_value=0.0, strict=True),
             "device": _device(self.device),
         }
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise ValueError(
+                f"batch_size must be 'auto' or a positive integer, got {self.batch_size!r}"
+            )
         if self.batch_size != "auto":
             V.positive_int("batch_size", self.batch_size)
         fraction = V.real("validation_fraction", self.validation_fraction)
@@ -252,6 +256,9 @@ class _VariationalMLP(BaseEstimator):
                 f"posterior family, got {V.describe(options)}"
             )
         checked["family"] = self._family_kwargs(dict(options or {}))
+        # The layers check the estimator and the family (and whether they go together): ask a
+        # 1 x 1 layer now, before any fitted attribute is set.
+        VariationalLinear(1, 1, estimator=self.estimator, **checked["family"])  # type: ignore[arg-type]
         return checked
 
     def _family_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -297,13 +304,14 @@ class _VariationalMLP(BaseEstimator):
             )
         return nn.Sequential(*modules)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray, stratify: np.ndarray | None) -> None:
+    def _fit(
+        self, X: np.ndarray, y: np.ndarray, params: dict[str, Any], stratify: np.ndarray | None
+    ) -> None:
         """Standardise ``X``, build the network and the likelihood, train; set fitted attributes.
 
         ``y`` is already the training target in the network's units (standardised values or
-        class indices).
+        class indices); ``params`` are the checked hyper-parameters (:meth:`_check_params`).
         """
-        params = self._check_params()
         device = params["device"]
         dtype = torch.float32 if X.dtype == np.float32 else torch.float64
         X = X.astype(np.float32 if dtype == torch.float32 else np.float64, copy=False)
@@ -533,12 +541,13 @@ class VariationalMLPRegressor(RegressorMixin, _VariationalMLP):
         Returns:
             ``self``, fitted.
         """
-        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32), y_numeric=True)
+        params = self._check_params()  # before any fitted attribute is set
         V.one_of("likelihood", self.likelihood, LIKELIHOODS)
+        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32), y_numeric=True)
         y = y.astype(np.float64)
         mean, scale = _standardise(y)
         self.y_mean_, self.y_scale_ = float(mean), float(scale)
-        self._fit(X, y, stratify=None)
+        self._fit(X, y, params, stratify=None)
         return self
 
     def predict_uncertainty(self, X: Any) -> RegressionUncertainty:
@@ -610,15 +619,17 @@ class VariationalMLPClassifier(ClassifierMixin, _VariationalMLP):
         Raises:
             ValueError: ``y`` holds fewer than two classes, or continuous values.
         """
+        params = self._check_params()  # before any fitted attribute is set
         X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
         check_classification_targets(y)
-        self.classes_, index = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
+        classes, index = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
             raise ValueError(
                 f"y must hold at least two classes to fit a classifier, got one class: "
-                f"{_label(self.classes_[0])!r}"
+                f"{_label(classes[0])!r}"
             )
-        self._fit(X, index, stratify=index)
+        self.classes_ = classes
+        self._fit(X, index, params, stratify=index)
         return self
 
     def predict_uncertainty(self, X: Any) -> ClassificationUncertainty:
