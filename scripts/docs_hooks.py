@@ -89,7 +89,7 @@ def examples_page() -> str:
         doc = ast.get_docstring(ast.parse(source)) or ""
         title, _, body = doc.partition("\n")
         parts.append(f"## {title.rstrip('.') or path.stem} {{#{path.stem}}}\n")
-        body = body.strip().replace("[", "\\[")  # "[--option]" is usage text, not a link
+        body = re.sub(r"\[(?=-)", r"\\[", body.strip())  # "[--option]" is usage, not a link
         parts.append(f"`examples/{path.name}`\n\n{body}\n")
         parts.append(f"````python\n{source.rstrip()}\n````\n")
     return "\n".join(parts)
@@ -125,9 +125,29 @@ def rewrite_links(markdown: str, source_dir: Path, page_dir: Path) -> str:
 
 
 # -- hooks --------------------------------------------------------------------------------------
+def _nav_paths(nav: Any) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, dict):
+        return set().union(*(_nav_paths(v) for v in nav.values()))
+    if isinstance(nav, list):
+        return set().union(*(_nav_paths(v) for v in nav))
+    return set()
+
+
 def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
-    modules = CHECK.public_modules()
+    """Complete the nav: pages of docs/ that mkdocs.yml does not list yet (under "More", so a
+    new page is reachable without a config change), then the API reference."""
     nav = config.nav or []
+    listed = _nav_paths(nav)
+    unlisted = sorted(
+        p.relative_to(DOCS).as_posix()
+        for p in DOCS.rglob("*.md")
+        if p.relative_to(DOCS).as_posix() not in listed
+    )
+    if unlisted:
+        nav.append({"More": unlisted})
+    modules = CHECK.public_modules()
     nav.append({"API reference": [{m: f"reference/{m}.md"} for m in modules]})
     config.nav = nav
     return config

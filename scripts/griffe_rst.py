@@ -62,7 +62,7 @@ _GROUPED = re.compile(r"^(\s+)(\w+(?:, \w+)+): (.*)$")
 def _split_grouped_items(text: str) -> str:
     """``a, b: description`` (torch's way to document parameters together) becomes one item per
     name, each with the whole description, so each parameter is matched to the signature."""
-    lines = text.splitlines()
+    lines = _join_wrapped_names(text.splitlines())
     out: list[str] = []
     i = 0
     while i < len(lines):
@@ -81,6 +81,21 @@ def _split_grouped_items(text: str) -> str:
             out.append(f"{indent}{name}: {block[0]}")
             out.extend(block[1:])
     return "\n".join(out)
+
+
+_NAMES_WRAPPED = re.compile(r"^(\s+)(\w+(?:, \w+)*,)\s*$")
+
+
+def _join_wrapped_names(lines: list[str]) -> list[str]:
+    """Join a list of names wrapped over lines (``a, b,`` then, indented, ``c: ...``)."""
+    out: list[str] = []
+    for line in lines:
+        previous = _NAMES_WRAPPED.match(out[-1]) if out else None
+        if previous and line.strip() and _indent(line) > len(previous.group(1)):
+            out[-1] = f"{out[-1].rstrip()} {line.strip()}"
+        else:
+            out.append(line)
+    return out
 
 
 def _indent(line: str) -> int:

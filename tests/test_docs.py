@@ -106,6 +106,24 @@ def test_grouped_parameters_are_split(rst: tuple[ModuleType, object, object]) ->
     )
 
 
+def test_grouped_parameters_wrapped_over_lines_are_split(
+    rst: tuple[ModuleType, object, object],
+) -> None:
+    module, _, _ = rst
+    text = "Args:\n    a, b,\n        c: as for fit;\n        more.\n    d: x."
+    assert module._split_grouped_items(text) == (
+        "Args:\n    a: as for fit;\n        more.\n    b: as for fit;\n        more.\n"
+        "    c: as for fit;\n        more.\n    d: x."
+    )
+
+
+def test_nav_paths_collects_every_page() -> None:
+    pytest.importorskip("mkdocs")
+    hooks = _load("docs_hooks")
+    nav = [{"Home": "index.md"}, {"Results": [{"UCI": "results/uci.md"}, "extra.md"]}]
+    assert hooks._nav_paths(nav) == {"index.md", "results/uci.md", "extra.md"}
+
+
 def test_roles_become_links_code_or_math(rst: tuple[ModuleType, object, object]) -> None:
     _, extension, package = rst
     likelihoods = package["likelihoods"]
