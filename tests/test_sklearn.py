@@ -283,6 +283,17 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     assert len(reg.loss_curve_) == reg.n_iter_
 
 
+def test_fit_and_predict_leave_torch_default_generator_alone() -> None:
+    """All randomness comes from ``random_state``: torch's global generator is never drawn."""
+    X, y = _linear_data(40, seed=16)
+    state = torch.get_rng_state()
+    reg = _small(VariationalMLPRegressor, early_stopping=True).fit(X, y)
+    reg.predict(X, return_std=True)
+    clf = _small(VariationalMLPClassifier).fit(X, y > np.median(y))
+    clf.predict_proba(X)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_verbose_shows_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     X, y = _linear_data(40, seed=11)
     _small(VariationalMLPRegressor, verbose=True, max_iter=3).fit(X, y)

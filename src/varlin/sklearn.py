@@ -257,8 +257,15 @@ class _VariationalMLP(BaseEstimator):
             )
         checked["family"] = self._family_kwargs(dict(options or {}))
         # The layers check the estimator and the family (and whether they go together): ask a
-        # 1 x 1 layer now, before any fitted attribute is set.
-        VariationalLinear(1, 1, estimator=self.estimator, **checked["family"])  # type: ignore[arg-type]
+        # 1 x 1 layer now, before any fitted attribute is set (its own generator: torch's
+        # default one is not touched).
+        VariationalLinear(
+            1,
+            1,
+            estimator=self.estimator,  # type: ignore[arg-type]
+            generator=torch.Generator(),
+            **checked["family"],
+        )
         return checked
 
     def _family_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
