@@ -523,6 +523,7 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_checksums_are_read_from_the_package_data_file() -> None:
+    """(tests/test_packaging.py checks that the wheel ships every data file of the package.)"""
     import importlib.resources
     import json
 
@@ -539,26 +540,3 @@ def test_checksums_are_read_from_the_package_data_file() -> None:
         assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in files.values())
     with pytest.raises(TypeError):
         UCI_SHA256["yacht"]["data.txt"] = "0" * 64  # type: ignore[index]
-
-
-def test_the_package_declares_the_checksum_file_as_package_data() -> None:
-    import tomllib
-
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "uci_sha256.json" in pyproject["tool"]["setuptools"]["package-data"]["varlin"]
-
-
-@pytest.mark.slow
-def test_the_wheel_ships_the_checksum_file(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import zipfile
-
-    root = Path(__file__).parents[1]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         str(root), "-w", str(tmp_path)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
-    (wheel,) = tmp_path.glob("varlin-*.whl")
-    assert "varlin/uci_sha256.json" in zipfile.ZipFile(wheel).namelist()
