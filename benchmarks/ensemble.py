@@ -93,35 +93,46 @@ def _separate(k: int, estimator: str, epochs: int) -> Callable[[], None]:
     return run
 
 
-def _time(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def _time(fn: Callable[[], None]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``fn()`` (CPU time is the steadier on a shared machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(k: int, estimator: str, epochs: int, rounds: int) -> dict[str, Any]:
-    """Median seconds of both routes for ``k`` models, and the median per-round ratio."""
+    """Median seconds of both routes for ``k`` models, and the median per-round ratios."""
     stacked, separate = _stacked(k, estimator, epochs), _separate(k, estimator, epochs)
     stacked()  # warm-up: first calls pay for lazy imports and allocations
     separate()
-    times: dict[str, list[float]] = {"stacked": [], "separate": []}
+    wall: dict[str, list[float]] = {"stacked": [], "separate": []}
+    cpu: dict[str, list[float]] = {"stacked": [], "separate": []}
     for r in range(rounds):
         order = [("stacked", stacked), ("separate", separate)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            times[name].append(_time(fn))
-    ratios = [s / t for s, t in zip(times["separate"], times["stacked"], strict=True)]
+            w, c = _time(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
+
+    def ratio(times: dict[str, list[float]]) -> float:
+        pairs = zip(times["separate"], times["stacked"], strict=True)
+        return statistics.median(s / t for s, t in pairs)
+
     steps = epochs * -(-ROWS // BATCH)
     return {
         "k": k,
         "estimator": estimator,
         "epochs": epochs,
         "steps": steps,
-        "stacked_s": statistics.median(times["stacked"]),
-        "separate_s": statistics.median(times["separate"]),
-        "speedup": statistics.median(ratios),
-        "stacked_ms_per_step": 1e3 * statistics.median(times["stacked"]) / steps,
-        "separate_ms_per_model_step": 1e3 * statistics.median(times["separate"]) / steps / k,
-        "rounds": times,
+        "stacked_s": statistics.median(wall["stacked"]),
+        "separate_s": statistics.median(wall["separate"]),
+        "speedup": ratio(wall),
+        "stacked_cpu_s": statistics.median(cpu["stacked"]),
+        "separate_cpu_s": statistics.median(cpu["separate"]),
+        "speedup_cpu": ratio(cpu),
+        "stacked_cpu_ms_per_step": 1e3 * statistics.median(cpu["stacked"]) / steps,
+        "separate_cpu_ms_per_model_step": 1e3 * statistics.median(cpu["separate"]) / steps / k,
+        "rounds": {"wall": wall, "cpu": cpu},
     }
 
 
@@ -152,18 +163,20 @@ def render(results: dict[str, Any]) -> str:
         f"{results['epochs']} epochs; training only. torch {machine['torch']}, "
         f"{machine['threads']} thread, {machine['cpu_count']} CPUs; load average at the end "
         f"{', '.join(f'{v:.1f}' for v in machine['load_average'] or [])}. Medians over "
-        f"{results['rounds']} interleaved rounds; the speed-up is the median of the per-round "
-        "ratios.",
+        f"{results['rounds']} interleaved rounds; a speed-up is the median of the per-round "
+        "ratios, of wall time and of CPU time (the process's, steadier than wall time when "
+        "other jobs share the machine).",
         "",
-        "| estimator | K | K × `fit` (s) | `fit_ensemble` (s) | speed-up | ms per step, "
-        "stacked | ms per model-step, separate |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| estimator | K | K × `fit`, wall s | `fit_ensemble`, wall s | speed-up, wall | "
+        "speed-up, CPU | CPU ms per step, `fit_ensemble` | CPU ms per model and step, `fit` |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {row['estimator']} | {row['k']} | {row['separate_s']:.2f} | "
-            f"{row['stacked_s']:.2f} | {row['speedup']:.1f}× | "
-            f"{row['stacked_ms_per_step']:.2f} | {row['separate_ms_per_model_step']:.2f} |"
+            f"{row['stacked_s']:.2f} | {row['speedup']:.1f}× | {row['speedup_cpu']:.1f}× | "
+            f"{row['stacked_cpu_ms_per_step']:.2f} | "
+            f"{row['separate_cpu_ms_per_model_step']:.2f} |"
         )
     lines += ["", f"Command: `{results['command']}`", ""]
     return "\n".join(lines)

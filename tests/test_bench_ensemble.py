@@ -28,7 +28,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "ensemble.json").read_text())
     assert [row["k"] for row in results["rows"]] == [1, 2]
     for row in results["rows"]:
-        for key in ("stacked_s", "separate_s", "speedup"):
+        for key in ("stacked_s", "separate_s", "speedup", "speedup_cpu"):
             assert math.isfinite(row[key]) and row[key] > 0
     table = (tmp_path / "ensemble.md").read_text()
     assert "| local | 2 |" in table and "speed-up" in table

@@ -95,9 +95,12 @@ class StackedModels:
         self.params: dict[str, Tensor] = dict(params)
         self.buffers: dict[str, Tensor] = dict(buffers)
         template = self.objectives[0]  # its code, and its layers' generators, serve all
+        # Tied tensors (one module or tensor under two names, e.g. a likelihood inside the
+        # model) need functional_call's tie handling, which scans the module every call.
+        ties = _has_ties(template)
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor, beta: float):
-            return tuple(functional_call(template, (p, b), (x, y, beta)))
+            return tuple(functional_call(template, (p, b), (x, y, beta), tie_weights=ties))
 
         self._terms = vmap(one, in_dims=(0, 0, 0, 0, None), randomness="different")
         self.hooks = DataParallelHooks()
@@ -190,6 +193,14 @@ class StackedModels:
                 raise checkpointer.error(f"does not fit these models' {part}s: {diff}")
         self.restore({part: state[part] for part, _ in _PARTS})
         set_rng_state(self.models[0], self.device, state, checkpointer)
+
+
+def _has_ties(module: nn.Module) -> bool:
+    """Whether some parameter or buffer of ``module`` is reachable under two names."""
+    for named in (module.named_parameters, module.named_buffers):
+        if len(list(named(remove_duplicate=False))) != len(list(named())):
+            return True
+    return False
 
 
 def _check_same_structure(objectives: Sequence[nn.Module]) -> None:

@@ -244,6 +244,12 @@ class _Diverged(Exception):
     """A loss or parameter became non-finite (the loop restores the last good state)."""
 
 
+def _floats(t: Tensor) -> list[float]:
+    """The values of a 0-dim or ``(K,)`` tensor as a list of floats (one host read)."""
+    values = t.detach().tolist()
+    return values if isinstance(values, list) else [values]
+
+
 class Step:
     """One optimisation step on a batch.
 
@@ -268,7 +274,7 @@ class Step:
         """One step on the batch ``(x, y)``; ``at`` is ``(epoch, step)``, for the error message."""
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.trainee.terms(x, y, beta)
-        values = torch.stack([t.detach().reshape(-1) for t in terms]).tolist()
+        values = [_floats(t) for t in terms]
         bad = [k for k, loss in enumerate(values[0]) if active[k] and not math.isfinite(loss)]
         if bad:
             k = bad[0]

@@ -140,7 +140,9 @@ class SingleModel:
         return params
 
     def terms(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
-        return self.objective(x, y, beta)
+        # forward, not __call__: the wrapper has no hooks of its own (the model's still run),
+        # and this is the per-step path.
+        return self.objective.forward(x, y, beta)
 
     def total(self, loss: Tensor, active: Sequence[bool]) -> Tensor:
         return loss
