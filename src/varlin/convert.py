@@ -271,15 +271,16 @@ def _variational_from(
             dtype=dtype,
         )
     with torch.no_grad():
-        layer.w_posterior.loc.copy_(loc_w)
-        if layer.b_posterior is not None and loc_b is not None:
-            layer.b_posterior.loc.copy_(loc_b)
+        layer.w_loc.copy_(loc_w)  # a view of the family's mean: copy_ sets the parameter
+        b_mean = layer.b_loc
+        if b_mean is not None and loc_b is not None:
+            b_mean.copy_(loc_b)
         if init_scale == "moped":
-            for posterior in (layer.w_posterior, layer.b_posterior):
-                if posterior is None:
-                    continue
-                scale = (moped_delta * posterior.loc.double().abs()).clamp_min(MOPED_MIN_SCALE)
-                posterior.raw_scale.copy_(functional.inverse_softplus(scale))
+            w_scale = (moped_delta * layer.w_loc.double().abs()).clamp_min(MOPED_MIN_SCALE)
+            b_scale = None
+            if b_mean is not None:
+                b_scale = (moped_delta * b_mean.double().abs()).clamp_min(MOPED_MIN_SCALE)
+            layer.set_marginal_scale(w_scale, b_scale)
     layer.train(linear.training)
     return layer
 

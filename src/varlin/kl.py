@@ -6,7 +6,9 @@ has none it returns the single-sample Monte Carlo estimate
 
 .. math:: \widehat{KL} = \log q(z) - \log p(z), \quad z \sim q \text{ (reparameterized)},
 
-which is unbiased and differentiable. That fallback lives here and nowhere else.
+which is unbiased and differentiable. That fallback lives here and nowhere else; so does its
+variant :func:`entropy_kl` for a posterior whose entropy is closed form (the radial family):
+:math:`-H(q) - \log p(z)`, the Monte Carlo part reduced to the cross-entropy.
 
 :func:`normal_kl` is the closed form for two Normals written for the layers' hot path: it takes
 tensors (no distribution objects), is clamped at its true minimum 0 against rounding, and sums.
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
-__all__ = ["distribution_kl", "normal_kl", "normal_kl_sum", "has_closed_form"]
+__all__ = ["distribution_kl", "entropy_kl", "normal_kl", "normal_kl_sum", "has_closed_form"]
 
 
 def has_closed_form(q: Distribution, p: Distribution) -> bool:
@@ -185,3 +187,22 @@ def distribution_kl(
             f"{type(q).__name__} has no rsample for a Monte Carlo estimate"
         )
     return q.log_prob(z) - p.log_prob(z)
+
+
+def entropy_kl(entropy: Tensor, samples: list[tuple[Tensor, Distribution]]) -> Tensor:
+    r""":math:`KL(q\,\|\,p) \approx -H(q) - \sum_k \log p_k(z_k)` for a joint draw :math:`z \sim q`.
+
+    For a posterior with a closed-form entropy but no closed-form cross-entropy to the prior
+    (the radial posterior against a scale-mixture prior, say): unbiased, with the Monte Carlo
+    noise of the cross-entropy only.
+
+    Args:
+        entropy: :math:`H(q)`, 0-dim.
+        samples: ``(z_k, p_k)`` pairs: the parts of one reparameterized draw (the weights, the
+            bias) and the elementwise priors over them.
+
+    Returns:
+        The estimate, 0-dim.
+    """
+    cross = sum((-prior.log_prob(z).sum() for z, prior in samples), torch.zeros_like(entropy))
+    return cross - entropy

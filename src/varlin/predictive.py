@@ -196,7 +196,7 @@ def _closed_form(
     V.same_dtype(name, h, head.w_loc)
     # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
     moments = head.output_moments(h)
-    mean, var = moments.loc, moments.variance
+    mean, var = moments.mean, moments.variance
     if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
         var = torch.zeros_like(var)
     if mean.shape[-1] == 1:

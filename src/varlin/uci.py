@@ -60,8 +60,9 @@ from ._io import atomic_write
 from .data import UCI_DATASETS, Standardizer, UCIDataset, load_uci
 from .functional import inverse_softplus
 from .kl import normal_kl
-from .layers import VariationalLinear, variational_layers
+from .layers import BayesianLinearBase, VariationalLinear, variational_layers
 from .likelihoods import Gaussian, HeteroscedasticGaussian, Likelihood
+from .posteriors import MeanFieldNormal
 from .predictive import RegressionPrediction, predict
 from .training import NonFiniteLossError, VarlinWarning, fit
 
@@ -409,6 +410,16 @@ def run_split(split: SplitArrays, config: UCIConfig) -> SplitResult:
     return SplitResult(split.index, ll, rmse, time.perf_counter() - started, noise, notes)
 
 
+def _mean_field(layer: BayesianLinearBase) -> MeanFieldNormal:
+    """The weight posterior of a mean-field layer (the stacked trainer's only family)."""
+    if not isinstance(layer.w_posterior, MeanFieldNormal):
+        raise TypeError(
+            f"the stacked trainer trains mean-field layers only, got posterior="
+            f"{layer.posterior_name!r}"
+        )
+    return layer.w_posterior
+
+
 def train_stacked(
     splits: Sequence[SplitArrays], config: UCIConfig
 ) -> list[tuple[nn.Sequential, Likelihood]]:
@@ -451,9 +462,10 @@ def train_stacked(
     stacked: list[dict[str, Tensor]] = []
     for j in range(len(layer_lists[0])):
         layers = [ll[j] for ll in layer_lists]
+        weights = [_mean_field(la) for la in layers]
         entry = {
-            "w_loc": torch.stack([la.w_posterior.loc.detach() for la in layers]),
-            "w_raw": torch.stack([la.w_posterior.raw_scale.detach() for la in layers]),
+            "w_loc": torch.stack([w.loc.detach() for w in weights]),
+            "w_raw": torch.stack([w.raw_scale.detach() for w in weights]),
         }
         if layers[0].b_posterior is not None:
             b = [la.b_posterior for la in layers]
@@ -529,8 +541,8 @@ def train_stacked(
     with torch.no_grad():
         for i, (layers, (_, lik)) in enumerate(zip(layer_lists, built, strict=True)):
             for la, entry in zip(layers, stacked, strict=True):
-                la.w_posterior.loc.copy_(entry["w_loc"][i])
-                la.w_posterior.raw_scale.copy_(entry["w_raw"][i])
+                _mean_field(la).loc.copy_(entry["w_loc"][i])
+                _mean_field(la).raw_scale.copy_(entry["w_raw"][i])
                 if la.b_posterior is not None:
                     la.b_posterior.loc.copy_(entry["b_loc"][i, 0])
                     la.b_posterior.raw_scale.copy_(entry["b_raw"][i, 0])
