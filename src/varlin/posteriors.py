@@ -585,9 +585,10 @@ class _Joint(Family):
 
 class _LowRankTensors(NamedTuple):
     loc: Tensor
-    scale: Tensor
+    scale: Tensor  # the diagonal part's standard deviation, floored (see LowRankNormal.realise)
     row_factor: Tensor
     col_factor: Tensor
+    factor_variance: Tensor  # sum_k A_ik^2 B_jk^2, (rows, out)
 
 
 class LowRankNormal(_Joint):
@@ -664,16 +665,25 @@ class LowRankNormal(_Joint):
         return f"{super().extra_repr()}, rank={self.rank}"
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _LowRankTensors:
-        self._no_bias_factor(bias)
-        return _LowRankTensors(self.loc, F.softplus(self.raw_scale), self.row_factor,
-                               self.col_factor)  # fmt: skip
+        r"""Softplus scales, floored at :math:`\sqrt{\varepsilon}` of each factor variance.
 
-    def _factor_variance(self, t: _LowRankTensors) -> Tensor:
-        """:math:`\\sum_k A_{ik}^2 B_{jk}^2`, ``(rows, out)``."""
-        return t.row_factor.square() @ t.col_factor.square().T
+        Where the factors explain a weight's variance, nothing holds its diagonal
+        :math:`\sigma_i` up and it can decay towards 0; then
+        :math:`V^\top\operatorname{diag}(\sigma^{-2})V` spans more orders of magnitude than
+        the dtype resolves and its log-determinant is lost. The floor
+        :math:`\sigma_i^2 \ge \sqrt{\varepsilon}\,(VV^\top)_{ii}` (``eps`` of the dtype) keeps
+        the capacitance resolvable and leaves the family's reach unchanged for practical
+        purposes (the diagonal part's share of a variance can still be as small as 3e-4 in
+        float32, 1.5e-8 in float64).
+        """
+        self._no_bias_factor(bias)
+        factor_variance = self.row_factor.square() @ self.col_factor.square().T
+        floor = math.sqrt(torch.finfo(factor_variance.dtype).eps)
+        scale = torch.maximum(F.softplus(self.raw_scale).square(), floor * factor_variance).sqrt()
+        return _LowRankTensors(self.loc, scale, self.row_factor, self.col_factor, factor_variance)
 
     def _marginal_variance(self, t: _LowRankTensors) -> Tensor:
-        return t.scale.square() + self._factor_variance(t)
+        return t.scale.square() + t.factor_variance
 
     def _capacitance(self, t: _LowRankTensors) -> Tensor:
         r""":math:`I_k + V^\top\operatorname{diag}(\sigma^{-2})V`, ``(k, k)``.
@@ -695,7 +705,7 @@ class LowRankNormal(_Joint):
     def entropy_gap(self, t: _LowRankTensors) -> Tensor:
         # sum_i log(v_i / sigma_i^2) - log|I + V^T D^-1 V|, halved: log1p keeps the small
         # correlations of early training from cancelling.
-        ratio = self._factor_variance(t) / t.scale.square()
+        ratio = t.factor_variance / t.scale.square()
         chol = torch.linalg.cholesky(self._capacitance(t))
         return 0.5 * torch.log1p(ratio).sum() - torch.log(torch.diagonal(chol)).sum()
 
@@ -746,7 +756,7 @@ class LowRankNormal(_Joint):
         target = _join(w_scale, b_scale, self.bias)
         t = self.realise()
         with torch.no_grad():
-            share = (self._factor_variance(t) / target.square().to(t.loc.dtype)).max()
+            share = (t.factor_variance / target.square().to(t.loc.dtype)).max()
             shrink = float((1e-4 / share.clamp_min(1e-300)).clamp_max(1.0)) ** 0.25
             self.row_factor.mul_(shrink)
             self.col_factor.mul_(shrink)
