@@ -540,3 +540,165 @@ def test_the_family_classes_are_public_and_registered() -> None:
     for name, cls in posteriors.FAMILIES.items():
         assert issubclass(cls, posteriors.Family) and cls.name == name
         assert set(cls.estimators) <= set(functional.ESTIMATORS)
+
+
+# -- prediction, the closed-form ELBO, conversion -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", GAUSSIAN)
+def test_closed_form_predict_is_the_exact_predictive_with_output_covariance(
+    family: str, float64: Any
+) -> None:
+    """A Bayesian last layer with each Gaussian family: ``method="closed_form"`` equals the dense
+    route, covariance across outputs included (plus the noise on the diagonal)."""
+    features = nn.Sequential(nn.Linear(4, IN), nn.Tanh())
+    model = varlin.bayesian_last_layer(features, IN, OUT, **FAMILIES[family])
+    _randomise(model[-1])
+    likelihood = varlin.likelihoods.Gaussian(0.3)
+    x = torch.randn(6, 4)
+    pred = varlin.predict(model, x, likelihood=likelihood, method="closed_form")
+    with torch.no_grad():
+        mean, cov = _exact_moments(model[-1], features(x))
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred.epistemic, cov.diagonal(0, -2, -1), rtol=1e-10, atol=1e-12)
+    if family in CORRELATED:
+        total = cov + 0.09 * torch.eye(OUT)
+        torch.testing.assert_close(pred.covariance, total, rtol=1e-10, atol=1e-12)
+    else:
+        assert pred.covariance is None and pred.epistemic_covariance is None
+    assert varlin.predict(model, x, likelihood=likelihood).mean.equal(pred.mean)  # auto
+
+
+def test_closed_form_needs_a_gaussian_head_and_auto_falls_back_to_monte_carlo() -> None:
+    model = varlin.bayesian_last_layer(nn.Identity(), IN, 1, posterior="radial")
+    x = torch.randn(5, IN)
+    with pytest.raises(ValueError, match="needs a Gaussian posterior on the head, got "
+                       "posterior='radial'; use method='mc'"):  # fmt: skip
+        varlin.predict(model, x, method="closed_form")
+    pred = varlin.predict(model, x, num_samples=8)
+    assert pred.sample_means is not None and pred.sample_means.shape == (8, 5)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_full_head_trained_on_a_gaussian_model_predicts_like_bayesian_linear_regression(
+    float64: Any,
+) -> None:
+    """The GLM-style exact predictive: ``bayesian_last_layer(posterior="full")`` trained on the
+    closed-form ELBO of features h(x) gives ``BayesianLinearRegression([h, 1])``'s predictive."""
+    g = torch.Generator().manual_seed(0)
+    features = nn.Sequential(nn.Linear(2, IN), nn.Tanh())
+    x = torch.randn(60, 2, generator=g)
+    with torch.no_grad():
+        h = features(x)
+        y = h @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + 0.2 * torch.randn(60, generator=g)
+    model = varlin.bayesian_last_layer(features, IN, 1, posterior="full", init_scale=0.1,
+                                       make_weights_prior=varlin.priors.normal(1.5),
+                                       make_bias_prior=varlin.priors.normal(1.5))  # fmt: skip
+    likelihood = varlin.likelihoods.Gaussian(0.2)
+    head = model[-1]
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1, max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        elbo = varlin.ELBO(likelihood, num_data=60)
+        loss = elbo(head.output_moments(h), y, head.kl_divergence())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # type: ignore[arg-type]
+    design = torch.cat([h, torch.ones(60, 1)], -1)
+    exact = varlin.BayesianLinearRegression(prior_scale=1.5, noise_scale=0.2).fit(design, y)
+    x_new = torch.randn(7, 2, generator=g)
+    with torch.no_grad():
+        reference = exact.predict(torch.cat([features(x_new), torch.ones(7, 1)], -1))
+    pred = varlin.predict(model, x_new, likelihood=likelihood)
+    torch.testing.assert_close(pred.mean, reference.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred.variance, reference.variance, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(("family", "estimator"), CASES)
+def test_monte_carlo_predict_works_for_every_family(
+    family: str, estimator: str, float64: Any
+) -> None:
+    """``predict(method="mc")``: one batched pass of S = 20 000 independent posterior draws; the
+    predictive mean and epistemic variance match the exact moments (tolerances from the draws'
+    spread, rate 1e-6 over 2 x 3 x 2 checks)."""
+    s = 20_000
+    layer = _layer(family, estimator=estimator)
+    _randomise(layer)
+    x = torch.randn(3, IN)
+    pred = varlin.predict(layer, x, num_samples=s, method="mc")
+    assert pred.sample_means is not None
+    mean, cov = _exact_moments(layer, x)
+    var = cov.diagonal(0, -2, -1)
+    assert ((pred.mean - mean).abs() <= mean_tolerance(var, s, 12)).all()
+    second = (pred.sample_means - mean).square()
+    tol = z_bound(12) * second.std(0) / math.sqrt(s)
+    assert ((second.mean(0) - var).abs() <= tol).all()
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("family", CORRELATED)
+def test_closed_form_elbo_takes_correlated_outputs(family: str, float64: Any) -> None:
+    """``Gaussian.expected_log_prob`` of a multivariate output distribution equals the Monte
+    Carlo mean of the log-likelihood over 100 000 output draws (rate 1e-6 per example)."""
+    layer = _layer(family)
+    _randomise(layer)
+    x, y = torch.randn(4, IN), torch.randn(4, OUT)
+    likelihood = varlin.likelihoods.Gaussian(0.5)
+    with torch.no_grad():
+        dist = layer.output_moments(x)
+        exact = likelihood.expected_log_prob(dist, y)
+        draws = dist.sample((100_000,))
+        log_lik = Normal(draws, 0.5).log_prob(y).sum(-1)
+    tol = z_bound(4) * log_lik.std(0) / math.sqrt(100_000)
+    assert ((log_lik.mean(0) - exact).abs() <= tol).all()
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("family", GAUSSIAN + ["radial"])
+def test_to_variational_builds_every_family_from_the_weights(family: str) -> None:
+    net = _net()
+    bnn = varlin.to_variational(net, **FAMILIES[family])
+    layers = list(varlin.variational_layers(bnn))
+    assert len(layers) == 2
+    assert all(layer.posterior_name == FAMILIES[family]["posterior"] for layer in layers)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    with varlin.deterministic(bnn):
+        assert torch.equal(bnn(x), net(x))
+    assert torch.isfinite(bnn(x)).all()
+
+
+@pytest.mark.parametrize("family", ["meanfield", "lowrank", "full", "radial"])
+def test_moped_sets_every_weights_scale_for_the_families_that_have_one(family: str) -> None:
+    """sigma = max(delta |w|, sigma_min) per weight and bias; the low-rank factors start with at
+    most 1e-4 of each variance (so the std is within 5e-5 of the target)."""
+    net = _net()
+    bnn = varlin.to_variational(net, init_scale="moped", moped_delta=0.2, **FAMILIES[family])
+    for layer, linear in zip(varlin.variational_layers(bnn), (net[0], net[2]), strict=True):
+        for scale, weight in ((layer.w_scale, linear.weight.T), (layer.b_scale, linear.bias)):
+            target = (0.2 * weight.detach().abs()).clamp_min(varlin.convert.MOPED_MIN_SCALE)
+            rtol = 6e-5 if family == "lowrank" else 1e-12
+            torch.testing.assert_close(scale.detach(), target, rtol=rtol, atol=0)
+
+
+def test_moped_refuses_the_matrix_normal_and_leaves_the_model_alone() -> None:
+    net = _net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="posterior='matrix_normal' cannot set one scale per"):
+        varlin.to_variational_(net, init_scale="moped", posterior="matrix_normal")
+    assert all(isinstance(m, (nn.Linear, nn.Tanh)) for m in net)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_to_variational_reports_a_rank_too_large_for_a_layer() -> None:
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 18\] .* 2 x 6 layer\), got 20"):
+        varlin.to_variational(_net(), posterior="lowrank", rank=20)

@@ -42,6 +42,7 @@ from . import __version__, _io
 from . import _validation as V
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
+from .posteriors import FAMILIES
 from .predictive import ClassificationPrediction, RegressionPrediction, predict
 from .training import CheckpointError, NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 
@@ -50,6 +51,7 @@ __all__ = ["main", "build_parser", "build_mlp", "load_model_file", "CLIError"]
 MODEL_KIND = "varlin-mlp"
 TASKS = ("regression", "classification")
 ESTIMATORS = ("reparameterization", "local", "flipout")
+POSTERIORS = tuple(FAMILIES)
 LIKELIHOODS = ("homoscedastic", "heteroscedastic")
 #: With ``--task auto``, an integer-valued target with at most this many values is a class label.
 AUTO_MAX_CLASSES = 10
@@ -173,12 +175,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 # -- models -----------------------------------------------------------------------------------
-def build_mlp(d_in: int, d_out: int, *, hidden: int, depth: int, estimator: str) -> nn.Sequential:
+def build_mlp(
+    d_in: int,
+    d_out: int,
+    *,
+    hidden: int,
+    depth: int,
+    estimator: str,
+    posterior: str = "meanfield",
+    rank: int | None = None,
+) -> nn.Sequential:
     """A ReLU MLP of ``depth`` hidden layers of ``hidden`` units, every layer variational."""
     sizes = [d_in] + [hidden] * depth + [d_out]
     modules: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        modules.append(VariationalLinear(a, b, estimator=estimator))  # type: ignore[arg-type]
+        family: dict[str, Any] = {"posterior": posterior, "rank": rank}
+        modules.append(VariationalLinear(a, b, estimator=estimator, **family))  # type: ignore[arg-type]
         if i < len(sizes) - 2:
             modules.append(nn.ReLU())
     return nn.Sequential(*modules)
@@ -220,6 +232,11 @@ def _spec_problem(spec: dict[str, Any]) -> str | None:
         return f"'task' must be one of {TASKS}, got {spec['task']!r}"
     if spec["estimator"] not in ESTIMATORS:
         return f"'estimator' must be one of {ESTIMATORS}, got {spec['estimator']!r}"
+    # 'posterior' and 'rank' are absent from files written before the posterior families.
+    if spec.get("posterior", "meanfield") not in POSTERIORS:
+        return f"'posterior' must be one of {POSTERIORS}, got {spec['posterior']!r}"
+    if not (spec.get("rank") is None or (_is_int(spec["rank"]) and spec["rank"] > 0)):
+        return f"'rank' must be a positive integer or null, got {spec['rank']!r}"
     if spec["likelihood"] not in LIKELIHOODS:
         return f"'likelihood' must be one of {LIKELIHOODS}, got {spec['likelihood']!r}"
     for key in ("hidden", "depth", "outputs"):
@@ -275,6 +292,8 @@ def load_model_file(path: str) -> tuple[dict[str, Any], nn.Module, Likelihood]:
         hidden=spec["hidden"],
         depth=spec["depth"],
         estimator=spec["estimator"],
+        posterior=spec.get("posterior", "meanfield"),
+        rank=spec.get("rank"),
     )
     likelihood = _likelihood(spec)
     for what, module in (("model", model), ("likelihood", likelihood)):
@@ -422,6 +441,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "hidden": args.hidden,
         "depth": args.depth,
         "estimator": args.estimator,
+        "posterior": args.posterior,
+        "rank": args.rank,
         "likelihood": args.likelihood,
     }
     # Statistics in float64: float32 would overflow squaring values of ~1e20.
@@ -464,13 +485,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     spec.update(x_mean=x_mean.tolist(), x_std=x_std.tolist())
 
     torch.manual_seed(args.seed)
-    model = build_mlp(
-        len(features),
-        spec["outputs"],
-        hidden=args.hidden,
-        depth=args.depth,
-        estimator=args.estimator,
-    )
+    try:
+        model = build_mlp(
+            len(features),
+            spec["outputs"],
+            hidden=args.hidden,
+            depth=args.depth,
+            estimator=args.estimator,
+            posterior=args.posterior,
+            rank=args.rank,
+        )
+    except ValueError as exc:  # a family option that this network's layers cannot take
+        raise CLIError(f"--posterior {args.posterior}: {exc}") from None
     likelihood = _likelihood(spec)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -653,6 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="regression noise: one learned scale, or a scale predicted per row",
     )
     p.add_argument("--estimator", choices=ESTIMATORS, default="local")
+    p.add_argument(
+        "--posterior", choices=POSTERIORS, default="meanfield",
+        help="variational family of every layer (lowrank needs --rank)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rank", type=V.arg_positive_int, default=None, help="rank of --posterior lowrank"
+    )
     p.add_argument("--hidden", type=V.arg_positive_int, default=50, help="units per hidden layer")
     p.add_argument("--depth", type=V.arg_positive_int, default=1, help="number of hidden layers")
     p.add_argument("--epochs", type=V.arg_positive_int, default=200)

@@ -38,7 +38,7 @@ from torch.distributions import Normal
 from . import _validation as V
 from . import functional
 from . import priors as _priors
-from .layers import BayesianLinearBase, Estimator, VariationalLinear, variational_layers
+from .layers import BayesianLinearBase, Estimator, Posterior, VariationalLinear, variational_layers
 
 __all__ = [
     "to_variational",
@@ -234,6 +234,7 @@ def _variational_from(
     moped_delta: float,
     prior_at_weights: bool,
     estimator: str,
+    family: dict[str, Any],
 ) -> VariationalLinear:
     if isinstance(linear.weight, nn.parameter.UninitializedParameter):
         raise TypeError(
@@ -269,6 +270,7 @@ def _variational_from(
             init_scale=1.0 if init_scale == "moped" else init_scale,
             device=device,
             dtype=dtype,
+            **family,
         )
     with torch.no_grad():
         layer.w_loc.copy_(loc_w)  # a view of the family's mean: copy_ sets the parameter
@@ -296,6 +298,9 @@ def to_variational_(
     moped_delta: float = ...,
     prior_at_weights: bool = ...,
     estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
 ) -> VariationalLinear: ...
 
 
@@ -309,6 +314,9 @@ def to_variational_(
     moped_delta: float = ...,
     prior_at_weights: bool = ...,
     estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
 ) -> ModuleT: ...
 
 
@@ -321,6 +329,9 @@ def to_variational_(
     moped_delta: float = 0.1,
     prior_at_weights: bool = False,
     estimator: Estimator = "reparameterization",
+    posterior: Posterior = "meanfield",
+    rank: int | None = None,
+    factors: str | None = None,
 ) -> nn.Module:
     r"""Replace chosen ``nn.Linear`` modules of ``model`` by :class:`~varlin.VariationalLinear`,
     in place.
@@ -355,6 +366,7 @@ def to_variational_(
             moped_delta=moped_delta,
             prior_at_weights=prior_at_weights,
             estimator=estimator,
+            family={"posterior": posterior, "rank": rank, "factors": factors},
         )
         for linear in _select(model, selection)
     }
@@ -380,6 +392,9 @@ def to_variational(
     moped_delta: float = ...,
     prior_at_weights: bool = ...,
     estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
 ) -> VariationalLinear: ...
 
 
@@ -393,6 +408,9 @@ def to_variational(
     moped_delta: float = ...,
     prior_at_weights: bool = ...,
     estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
 ) -> ModuleT: ...
 
 
@@ -405,6 +423,9 @@ def to_variational(
     moped_delta: float = 0.1,
     prior_at_weights: bool = False,
     estimator: Estimator = "reparameterization",
+    posterior: Posterior = "meanfield",
+    rank: int | None = None,
+    factors: str | None = None,
 ) -> nn.Module:
     r"""A deep copy of ``model`` with chosen ``nn.Linear`` modules made variational.
 
@@ -435,7 +456,15 @@ def to_variational(
             Bayes): a Normal with ``loc`` the weights (a full-size buffer, in ``state_dict``) and
             the scale of ``prior`` (which must then make a Normal), or 1 without one.
         estimator: gradient estimator of the new layers, ``"reparameterization"``, ``"local"``
-            or ``"flipout"``.
+            or ``"flipout"`` (as far as ``posterior`` allows it).
+        posterior: the variational family of the new layers, ``"meanfield"`` (default),
+            ``"lowrank"`` (with ``rank``), ``"matrix_normal"`` (with ``factors``), ``"full"``
+            (small layers) or ``"radial"`` (:mod:`varlin.posteriors`). With
+            ``init_scale="moped"`` each weight's standard deviation is set and its correlations
+            start at (or, for lowrank, near) 0; ``"matrix_normal"`` has no scale per weight and
+            refuses MOPED.
+        rank: the rank of ``posterior="lowrank"``.
+        factors: ``"full"`` or ``"diagonal"`` factors of ``posterior="matrix_normal"``.
 
     Returns:
         The converted copy (a :class:`~varlin.VariationalLinear` if ``model`` is an
@@ -468,6 +497,9 @@ def to_variational(
         moped_delta=moped_delta,
         prior_at_weights=prior_at_weights,
         estimator=estimator,
+        posterior=posterior,
+        rank=rank,
+        factors=factors,
     )
 
 
@@ -514,8 +546,10 @@ def bayesian_last_layer(
             features.
         **layer_kwargs: passed to :class:`~varlin.VariationalLinear` (``bias``,
             ``make_weights_prior``, ``make_bias_prior``, ``estimator``, ``init_scale``,
-            ``generator``, ``device``, ``dtype``); ``device`` and ``dtype`` default to those of
-            the extractor's parameters.
+            ``generator``, ``posterior``, ``rank``, ``factors``, ``device``, ``dtype``);
+            ``device`` and ``dtype`` default to those of the extractor's parameters. With
+            ``posterior="full"`` the head can hold the exact posterior of a Gaussian linear
+            model, and the closed-form predictive includes the covariance across outputs.
 
     Returns:
         :class:`BayesianLastLayer`, an ``nn.Sequential(feature_extractor, head)``.

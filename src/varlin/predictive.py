@@ -53,6 +53,9 @@ class RegressionPrediction:
         aleatoric: expected noise variance (data uncertainty); zeros without a likelihood.
         sample_means: per-sample means ``(S, N)``, or ``None`` for the closed form.
         sample_vars: per-sample noise variances ``(S, N)``, or ``None``.
+        epistemic_covariance: for the closed form of a head whose posterior correlates its
+            ``D`` outputs (``"lowrank"``, ``"full"``, ``"matrix_normal"``), the epistemic
+            covariance across them, ``(N, D, D)``; else ``None``.
     """
 
     mean: Tensor
@@ -60,11 +63,21 @@ class RegressionPrediction:
     aleatoric: Tensor
     sample_means: Tensor | None = None
     sample_vars: Tensor | None = None
+    epistemic_covariance: Tensor | None = None
 
     @property
     def variance(self) -> Tensor:
         """Total predictive variance, epistemic + aleatoric."""
         return self.epistemic + self.aleatoric
+
+    @property
+    def covariance(self) -> Tensor | None:
+        """Total predictive covariance across the outputs, ``(N, D, D)``: the epistemic
+        covariance plus the (independent) noise on the diagonal; ``None`` where the outputs'
+        epistemic covariance is not known (Monte Carlo, mean-field heads)."""
+        if self.epistemic_covariance is None:
+            return None
+        return self.epistemic_covariance + torch.diag_embed(self.aleatoric)
 
     @property
     def std(self) -> Tensor:
@@ -190,21 +203,31 @@ def _closed_form(
             "Gaussian likelihood (or none); use method='mc'"
         )
     features, head = split
+    if not head.w_posterior.gaussian:
+        raise ValueError(
+            f"method='closed_form' needs a Gaussian posterior on the head, got "
+            f"posterior={head.posterior_name!r}; use method='mc'"
+        )
     h = _call(features, x)
     name = "x" if isinstance(features, nn.Identity) else "the feature extractor's output"
     V.last_dim(name, h, head.in_features, "in_features")
     V.same_dtype(name, h, head.w_loc)
-    # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
+    # The head's output for fixed features h is exactly Gaussian (mean-field:
+    # N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2); correlated across outputs for joint families).
     moments = head.output_moments(h)
     mean, var = moments.mean, moments.variance
+    covariance = getattr(moments, "covariance_matrix", None)
     if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
         var = torch.zeros_like(var)
+        covariance = None if covariance is None else torch.zeros_like(covariance)
     if mean.shape[-1] == 1:
         mean, var = mean.squeeze(-1), var.squeeze(-1)
     noise = torch.zeros_like(mean)
     if likelihood is not None:
         noise = noise + likelihood.noise_scale.to(mean.dtype) ** 2
-    return RegressionPrediction(mean=mean, epistemic=var, aleatoric=noise)
+    return RegressionPrediction(
+        mean=mean, epistemic=var, aleatoric=noise, epistemic_covariance=covariance
+    )
 
 
 def _summarise(
@@ -272,7 +295,10 @@ def predict(
             mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
             :class:`~varlin.likelihoods.Categorical` give a classification summary.
         method: ``"mc"``; ``"closed_form"`` (exact, for a Bayesian last layer with a Gaussian
-            likelihood); ``"auto"`` picks the closed form when it applies.
+            posterior family and a Gaussian likelihood; with a ``"full"``, ``"lowrank"`` or
+            ``"matrix_normal"`` head it includes the covariance across outputs,
+            :attr:`RegressionPrediction.covariance`); ``"auto"`` picks the closed form when it
+            applies.
         batch_size: evaluate ``x`` in chunks of this many rows (memory ``S x batch_size``).
 
     Returns:
@@ -291,8 +317,11 @@ def predict(
         )
     if V.is_validating():
         V.check_finite("x", x)
-    closed_ok = _last_layer_split(model) is not None and (
-        likelihood is None or isinstance(likelihood, Gaussian)
+    split = _last_layer_split(model)
+    closed_ok = (
+        split is not None
+        and split[1].w_posterior.gaussian
+        and (likelihood is None or isinstance(likelihood, Gaussian))
     )
     if method == "closed_form" or (method == "auto" and closed_ok):
         return _closed_form(model, x, likelihood)
