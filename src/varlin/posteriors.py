@@ -652,7 +652,9 @@ class LowRankNormal(_Joint):
     ``k = rows - 1`` or more covers every covariance.
 
     KL and entropy need no dense covariance: :math:`\log|\Sigma| = \sum\log\sigma^2 +
-    \log|I_k + V^\top\operatorname{diag}(\sigma^{-2})V|` (the matrix determinant lemma).
+    \log|I_k + V^\top\operatorname{diag}(\sigma^{-2})V|` (the matrix determinant lemma). The
+    diagonal is :math:`\sigma_{ij} = \operatorname{softplus}(\rho_{ij}) +
+    2^{-8}\lVert a_i\rVert\lVert b_j\rVert` (see :meth:`realise`).
 
     Args:
         in_features, out_features: the linear map's shape.
@@ -690,8 +692,10 @@ class LowRankNormal(_Joint):
     def reset_scale(
         self, init_scale: float | None = None, generator: torch.Generator | None = None
     ) -> None:
-        """Diagonal variance ``init_scale**2 / 2``; factors with i.i.d. Normal entries whose
-        contribution ``sum_k A_ik^2 B_jk^2`` has expectation ``init_scale**2 / 2``.
+        """Diagonal ``softplus(raw_scale) = init_scale / sqrt(2)``; factors with i.i.d. Normal
+        entries whose contribution ``sum_k A_ik^2 B_jk^2`` has expectation ``init_scale**2 / 2``
+        (so each weight's variance is about ``init_scale**2``; the diagonal's floor term adds
+        at most 2^-8 of the factors' scale).
 
         The factors start random, not at 0: at :math:`V = 0` the gradient with respect to
         :math:`V` vanishes (a saddle point).
