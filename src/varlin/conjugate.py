@@ -86,13 +86,18 @@ class BayesianLinearRegression:
 
         .. math::
             -\tfrac n2\log 2\pi\sigma^2 - d\log s - \tfrac12\log|A|
-            - \tfrac1{2\sigma^2}\lVert y\rVert^2 + \tfrac12 m^\top A m .
+            - \tfrac1{2\sigma^2}\lVert y - Xm\rVert^2 - \tfrac1{2s^2}\lVert m\rVert^2 .
+
+        The quadratic term equals :math:`\lVert y\rVert^2/\sigma^2 - m^\top A m`, but that
+        difference of two large numbers cancels catastrophically in float32 when the targets
+        are large against the noise; the residual form is a sum of two small non-negative terms.
         """
         X, y = self._require_fit()
         n, d = X.shape
         noise_var = self.noise_scale**2
         half_logdet = torch.log(torch.diagonal(self._chol)).sum()
-        quad = y @ y / noise_var - self.mean @ self.precision @ self.mean
+        resid = y - X @ self.mean
+        quad = resid @ resid / noise_var + self.mean @ self.mean / self.prior_scale**2
         return (
             -0.5 * n * math.log(2 * math.pi * noise_var)
             - d * math.log(self.prior_scale)
