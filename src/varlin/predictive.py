@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from . import _validation as V
-from .layers import BayesianLinearBase, variational_layers, weight_samples
+from .conjugate import ExactLinear
+from .layers import BayesianLinearBase, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 
 __all__ = ["predict", "RegressionPrediction", "ClassificationPrediction"]
@@ -168,15 +169,23 @@ def _call(model: nn.Module, x: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _last_layer_split(model: nn.Module) -> tuple[nn.Module, BayesianLinearBase] | None:
-    """``(features, head)`` if the model's only variational layer is its last module."""
-    if isinstance(model, BayesianLinearBase):
+_Head = BayesianLinearBase | ExactLinear
+
+
+def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
+    """``(features, head)`` if the model's only Bayesian layer is its last module (a
+    variational layer, or an exact head fitted in closed form)."""
+    if isinstance(model, (BayesianLinearBase, ExactLinear)):
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if isinstance(head, BayesianLinearBase) and len(list(variational_layers(model))) == 1:
+        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(model[:-1]):
             return model[:-1], head
     return None
+
+
+def _has_bayesian(model: nn.Module) -> bool:
+    return any(isinstance(m, (BayesianLinearBase, ExactLinear)) for m in model.modules())
 
 
 def _closed_form(
@@ -186,8 +195,8 @@ def _closed_form(
     if split is None or not (likelihood is None or isinstance(likelihood, Gaussian)):
         raise ValueError(
             "method='closed_form' needs a model whose only variational layer is its last module "
-            "(a VariationalLinear at the end of an nn.Sequential, or the layer itself) and a "
-            "Gaussian likelihood (or none); use method='mc'"
+            "(a VariationalLinear or ExactLinear at the end of an nn.Sequential, or the layer "
+            "itself) and a Gaussian likelihood (or none); use method='mc'"
         )
     features, head = split
     h = _call(features, x)
@@ -197,13 +206,15 @@ def _closed_form(
     # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
     moments = head.output_moments(h)
     mean, var = moments.loc, moments.variance
-    if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
+    if getattr(head, "_use_mean", False):  # inside varlin.deterministic(model): no spread
         var = torch.zeros_like(var)
-    if mean.shape[-1] == 1:
-        mean, var = mean.squeeze(-1), var.squeeze(-1)
     noise = torch.zeros_like(mean)
     if likelihood is not None:
         noise = noise + likelihood.noise_scale.to(mean.dtype) ** 2
+    elif isinstance(head, ExactLinear):  # an exact head carries its fitted noise
+        noise = noise + head.noise_variance
+    if mean.shape[-1] == 1:
+        mean, var, noise = mean.squeeze(-1), var.squeeze(-1), noise.squeeze(-1)
     return RegressionPrediction(mean=mean, epistemic=var, aleatoric=noise)
 
 
@@ -269,8 +280,9 @@ def predict(
         num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass,
             independent along ``S`` for every estimator.
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
-            mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
-            :class:`~varlin.likelihoods.Categorical` give a classification summary.
+            mean (aleatoric part 0; for an exact head, its fitted noise).
+            :class:`~varlin.likelihoods.Bernoulli` or :class:`~varlin.likelihoods.Categorical`
+            give a classification summary.
         method: ``"mc"``; ``"closed_form"`` (exact, for a Bayesian last layer with a Gaussian
             likelihood); ``"auto"`` picks the closed form when it applies.
         batch_size: evaluate ``x`` in chunks of this many rows (memory ``S x batch_size``).
@@ -296,6 +308,12 @@ def predict(
     )
     if method == "closed_form" or (method == "auto" and closed_ok):
         return _closed_form(model, x, likelihood)
+    if isinstance(model, nn.Module) and any(isinstance(m, ExactLinear) for m in model.modules()):
+        # Its forward is the posterior mean: sampling the rest would drop its uncertainty.
+        raise ValueError(
+            "the model holds an ExactLinear head, whose predictive is computed in closed form "
+            "only: use method='auto' or 'closed_form' with a Gaussian likelihood (or none)"
+        )
     size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
     outs = []
     for chunk in x.split(max(size, 1)):
