@@ -554,3 +554,129 @@ def test_bench_passes_its_options_through(tmp_path: Path) -> None:
     assert code == 0
     assert (tmp_path / "speed.json").is_file()
     assert (tmp_path / "speed.md").read_text().startswith("# Speed")
+
+
+# -- class labels, column names and ambiguous input ------------------------------------------
+def _labelled_rows(labels: list[str], n: int = 60) -> list[list[object]]:
+    """Rows ``x1, x2, label`` cycling through ``labels``: every label appears several times."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, generator=g)
+    return [[f"{a:.5f}", f"{b:.5f}", labels[i % len(labels)]] for i, (a, b) in
+            enumerate(x.tolist())]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes"),
+    [
+        (["1234567", "1234568", "2000000"], ["1234567", "1234568", "2000000"]),
+        (["1000001", "1000002", "1000003"], ["1000001", "1000002", "1000003"]),
+        (["9007199254740993", "9007199254740992"], ["9007199254740992", "9007199254740993"]),
+        (["1.0", "1", "2"], ["1", "2"]),  # equal numbers are one class, written as an integer
+        (["0.5", ".50", "0.25", "3"], ["0.25", "0.5", "3"]),  # its first spelling
+        (["0", "-0", "1"], ["0", "1"]),  # -0 == 0: one class, not a KeyError
+        (["10", "9", "b"], ["10", "9", "b"]),  # not all numbers: text, sorted as text
+    ],
+)
+def test_every_distinct_class_label_is_its_own_class_and_written_exactly(
+    tmp_path: Path, labels: list[str], classes: list[str]
+):
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], _labelled_rows(labels))
+    model = tmp_path / "m.pt"
+    args = ["fit", str(data), "--target", "y", "--task", "classification", "--out", str(model)]
+    assert cli.main([*args, *FAST]) == 0
+    spec, _, _ = cli.load_model_file(str(model))
+    assert spec["classes"] == classes
+    preds = tmp_path / "p.csv"
+    assert cli.main(["predict", str(model), str(data), "--out", str(preds)]) == 0
+    header, rows = read_rows(preds)
+    assert header[3:] == [f"p_{c}" for c in classes] + [
+        "entropy", "mutual_information", "predicted"
+    ]  # fmt: skip
+    for row in rows:
+        assert math.isclose(sum(float(row[f"p_{c}"]) for c in classes), 1.0, abs_tol=1e-4)
+        assert row["predicted"] in classes
+
+
+def test_integer_labels_beyond_float_precision_infer_classification(tmp_path: Path):
+    labels = ["9007199254740993", "9007199254740992", "9007199254740994"]
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], _labelled_rows(labels))
+    model = tmp_path / "m.pt"
+    assert cli.main(["fit", str(data), "--target", "y", "--out", str(model), *FAST]) == 0
+    assert cli.load_model_file(str(model))[0]["classes"] == sorted(labels)
+
+
+def test_zero_and_negative_zero_alone_are_a_single_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], _labelled_rows(["0", "-0"], 10))
+    line = fit_fails(capsys, tmp_path, data, "--task", "classification")
+    assert "single class ['0']" in line
+
+
+def test_model_file_with_duplicate_class_labels_is_refused(
+    tmp_path: Path, reg_csv: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A model file whose labels were merged (written as "1.23457e+06" twice) is not used."""
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], _labelled_rows(["a", "b", "c"]))
+    model = tmp_path / "m.pt"
+    assert cli.main(["fit", str(data), "--target", "y", "--out", str(model), *FAST]) == 0
+    capsys.readouterr()  # the fit's own output
+    edited = _edit_model_file(
+        model, lambda s: s["spec"].update(classes=["1.23457e+06", "1.23457e+06", "2e+06"])
+    )
+    line = predict_fails(capsys, tmp_path, edited, reg_csv)
+    assert "'classes' must be distinct labels" in line
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_predict_output_column_names_are_unique(tmp_path: Path, task: str):
+    """Inputs already holding ``mean`` and ``pred_mean`` (and ``p_1``, ``pred_p_1``, ...)."""
+    taken = ["mean", "pred_mean", "std", "pred_std", "pred_pred_std", "p_1", "pred_p_1",
+             "entropy", "pred_entropy", "predicted"]  # fmt: skip
+    rows = [[*r, *range(len(taken))] for r in regression_rows(40)]
+    if task == "classification":
+        for i, r in enumerate(rows):
+            r[2] = str(i % 2)
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y", *taken], rows)
+    sub = write_csv(tmp_path / "fit.csv", ["x1", "x2", "y"], [r[:3] for r in rows])
+    model = tmp_path / "m.pt"
+    assert cli.main(["fit", str(sub), "--target", "y", "--out", str(model), *FAST]) == 0
+    assert cli.load_model_file(str(model))[0]["task"] == task
+    current = data
+    for round_ in range(2):  # the output is valid input: predicting on it again works
+        preds = tmp_path / f"p{round_}.csv"
+        assert cli.main(["predict", str(model), str(current), "--out", str(preds)]) == 0
+        header, rows_out = read_rows(preds)
+        assert len(set(header)) == len(header), header
+        assert len(rows_out) == 40
+        current = preds
+    header, _ = read_rows(tmp_path / "p0.csv")
+    if task == "regression":
+        assert "pred_pred_mean" in header and "pred_pred_pred_std" in header
+    else:
+        assert "pred_pred_p_1" in header and "pred_predicted" in header
+
+
+@pytest.mark.parametrize(("cell", "what"), [("", "empty value"), ("12O", "'12O' is not a number")])
+def test_auto_task_names_a_bad_cell_in_a_numeric_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cell: str, what: str
+):
+    rows = regression_rows(40)
+    rows[7][2] = cell
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], rows)
+    line = fit_fails(capsys, tmp_path, data)
+    assert f"column 'y', data row 8: {what}, although 39 of its 40 values are numbers" in line
+    assert "--task classification" in line
+
+
+def test_regression_needs_two_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "y"], regression_rows(1))
+    line = fit_fails(capsys, tmp_path, data, "--task", "regression")
+    assert "a regression fit needs at least 2 data rows" in line and "got 1" in line
+
+
+def test_semicolon_separated_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    data = tmp_path / "semi.csv"
+    data.write_text("x1;x2;y\n1;2;3\n4;5;6\n")
+    line = fit_fails(capsys, tmp_path, data)
+    assert "looks semicolon-separated" in line and "'x1;x2;y'" in line

@@ -528,6 +528,29 @@ def test_early_stopping_restores_the_best_state(tmp_path: Path) -> None:
         assert torch.equal(p.detach(), q)
 
 
+def test_patience_running_out_on_the_last_epoch_is_not_an_early_stop(tmp_path: Path) -> None:
+    """A run whose patience runs out on its last epoch completed; a resume continues it.
+
+    A constant learning rate makes a run of E epochs the first E epochs of a longer one, so the
+    long run tells where patience runs out (epoch ``stop``) and the short run ends exactly there.
+    """
+    options: dict[str, Any] = {
+        "validation": (DATA.x, -DATA.y), "patience": 2, "lr_schedule": "constant"
+    }  # fmt: skip
+    model, likelihood = _small()
+    long = _fit(model, likelihood, epochs=40, **options)
+    assert long.stopped_early
+    stop = len(long)
+    path = tmp_path / "run.pt"
+    model, likelihood = _small()
+    short = _fit(model, likelihood, epochs=stop, checkpoint=path, **options)
+    assert _records(short) == _records(long)  # patience ran out on the last epoch...
+    assert not short.stopped_early  # ...which ended the run anyway
+    model, likelihood = _small()
+    resumed = _fit(model, likelihood, epochs=40, checkpoint=path, **options)
+    assert len(resumed) > stop and _records(resumed)[:stop] == _records(short)
+
+
 def test_history_columns() -> None:
     model, likelihood = _small()
     history = _fit(model, likelihood, epochs=4, kl_warmup_epochs=3, validation=(DATA.x, DATA.y))

@@ -15,7 +15,8 @@ rows of ``DATA.csv``:
 - classification: ``p_<class>`` for every class, ``entropy`` (total uncertainty, nats),
   ``mutual_information`` (its epistemic part) and ``predicted`` (the most probable class).
 
-A new column whose name is already in ``DATA.csv`` gets the prefix ``pred_``.
+A new column whose name is already taken (by a column of ``DATA.csv`` or another new column)
+gets the prefix ``pred_``, repeated until the name is unique.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import runpy
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,13 @@ def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     if not rows:
         raise CLIError(f"{path}: the file is empty (a header row and data rows are required)")
     header = [h.strip() for h in rows[0]]
+    if len(header) == 1 and ";" in header[0]:
+        # One column named "a;b;c": a semicolon-separated export (common where the decimal
+        # separator is a comma), which the comma reader would only report indirectly.
+        raise CLIError(
+            f"{path}: the file looks semicolon-separated (header {rows[0][0]!r}); varlin reads "
+            "comma-separated files: save it with commas as separators"
+        )
     if any(not h for h in header):
         raise CLIError(f"{path}: the header has an empty column name: {rows[0]}")
     if len(set(header)) != len(header):
@@ -219,6 +228,8 @@ def _spec_problem(spec: dict[str, Any]) -> str | None:
     classes = spec["classes"]
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         return f"'classes' must be a list of labels, got {classes!r}"
+    if len(set(classes)) != len(classes):
+        return f"'classes' must be distinct labels, got {classes!r}"
     if spec["task"] == "classification":
         expected = len(classes)
         if expected < 2:
@@ -304,37 +315,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _infer_task(values: list[str]) -> str:
+def _exact_number(text: str) -> Decimal | None:
+    """``text`` as an exact decimal number if Python reads it as a float, else ``None``.
+
+    Exact, not a float: labels such as 9007199254740992 and 9007199254740993 stay distinct.
+    """
     try:
-        numbers = [float(v) for v in values]
+        float(text)  # the gate: the spellings float accepts, and no others
     except ValueError:
+        return None
+    return Decimal(text)
+
+
+def _infer_task(path: str, name: str, values: list[str]) -> str:
+    """``--task auto``: classification for text or few integer values, else regression.
+
+    A column that is mostly numbers but has an empty or non-numeric cell is a typo more often
+    than a set of class labels: the cell is named rather than guessed around.
+    """
+    numbers = [_exact_number(v) for v in values]
+    bad = [row for row, n in enumerate(numbers, start=1) if n is None]
+    if len(bad) * 2 >= len(values):
+        return "classification"  # text labels (a minority of numeric-looking ones allowed)
+    if bad:
+        cell = values[bad[0] - 1]
+        what = f"{cell!r} is not a number" if cell else "empty value"
+        raise CLIError(
+            f"{path}: column {name!r}, data row {bad[0]}: {what}, although "
+            f"{len(values) - len(bad)} of its {len(values)} values are numbers; fix the cell, or "
+            "pass --task classification if the column holds class labels"
+        )
+    exact = [n for n in numbers if n is not None]
+    if not all(n.is_finite() for n in exact):
+        return "regression"  # the numeric reader names the non-finite cell
+    distinct = set(exact)
+    if len(distinct) <= AUTO_MAX_CLASSES and all(n == n.to_integral_value() for n in distinct):
         return "classification"
-    distinct = set(numbers)
-    if all(math.isfinite(v) and v.is_integer() for v in distinct):
-        if len(distinct) <= AUTO_MAX_CLASSES:
-            return "classification"
     return "regression"
 
 
 def _class_labels(path: str, name: str, raw: list[str]) -> tuple[list[str], list[int]]:
-    """Sorted class labels and each row's class index; numeric labels compare as numbers."""
+    """Sorted class labels and each row's class index; numeric labels compare as numbers.
+
+    Numeric labels are compared exactly: every distinct number is its own class, and equal
+    numbers are one class ("1" and "1.0"; "0" and "-0"). An integer-valued class is written as
+    an integer ("1"), any other numeric class as its first spelling in the data; text labels
+    are kept as they are.
+    """
     for row, value in enumerate(raw, start=1):
         if not value:
             raise CLIError(f"{path}: column {name!r}, data row {row}: empty class label")
-    try:
-        numbers = [float(v) for v in raw]
-    except ValueError:
-        numbers = None
-    if numbers is not None:
-        for row, (value, number) in enumerate(zip(raw, numbers, strict=True), start=1):
-            if not math.isfinite(number):
+    numbers = [_exact_number(v) for v in raw]
+    if all(n is not None for n in numbers):
+        exact = [n for n in numbers if n is not None]
+        for row, (value, number) in enumerate(zip(raw, exact, strict=True), start=1):
+            if not number.is_finite():
                 raise CLIError(
                     f"{path}: column {name!r}, data row {row}: {value!r} is not a finite number "
                     "(NaN and infinite values are not allowed)"
                 )
-        # "1" and "1.0" are one class; it is written as "1".
-        labels = [f"{v:g}" for v in numbers]
-        classes = [f"{v:g}" for v in sorted(set(numbers))]
+        text: dict[Decimal, str] = {}
+        for value, number in zip(raw, exact, strict=True):
+            integral = number == number.to_integral_value()
+            text.setdefault(number, str(int(number)) if integral else value)
+        labels = [text[n] for n in exact]
+        classes = [text[n] for n in sorted(text)]
     else:
         labels = raw
         classes = sorted(set(raw))
@@ -368,7 +413,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     columns = {h: [r[i] for r in rows] for i, h in enumerate(header)}
     X = _feature_matrix(args.data, features, columns)
     raw_target = [c.strip() for c in columns[args.target]]
-    task = args.task if args.task != "auto" else _infer_task(raw_target)
+    task = args.task if args.task != "auto" else _infer_task(args.data, args.target, raw_target)
     spec: dict[str, Any] = {
         "version": __version__,
         "features": features,
@@ -396,6 +441,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         y = torch.tensor(index)
         spec.update(classes=classes, outputs=len(classes), y_mean=0.0, y_std=1.0)
     else:
+        if len(rows) < 2:
+            # A standard deviation needs two values: with one row the target (and every
+            # feature) would be "standardised" by an arbitrary 1, and the fit learns nothing.
+            raise CLIError(
+                f"{args.data}: a regression fit needs at least 2 data rows to standardise the "
+                f"target {args.target!r} and the features, got {len(rows)}"
+            )
         y_raw = torch.tensor(
             numeric_column(args.data, args.target, raw_target), dtype=torch.float64
         )
@@ -477,6 +529,22 @@ def _prediction_columns(
     return cols
 
 
+def _unique_names(header: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``names`` made unique against ``header`` and each other by prefixing ``pred_``.
+
+    The prefix is repeated until the name is free: with columns ``mean`` and ``pred_mean`` in
+    the input, the new ``mean`` column is ``pred_pred_mean``.
+    """
+    taken = set(header)
+    unique = []
+    for name in names:
+        while name in taken:
+            name = f"pred_{name}"
+        taken.add(name)
+        unique.append(name)
+    return unique
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     check_output_path(args.out)
     spec, model, likelihood = load_model_file(args.model)
@@ -500,7 +568,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not bool(torch.isfinite(summary).all()):
         raise CLIError(f"{args.model}: the model predicts non-finite values on {args.data}")
     cols = _prediction_columns(pred, spec, args.level)
-    out_header = list(header) + [f"pred_{n}" if n in header else n for n in cols]
+    out_header = list(header) + _unique_names(header, list(cols))
     out_rows = [row + [cells[i] for cells in cols.values()] for i, row in enumerate(rows)]
     with atomic_path(args.out) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -539,7 +607,7 @@ columns appended to the rows of DATA:
                    (standard deviations split by the law of total variance; the central L%
                    interval of --level)
   classification:  p_<class> for each class, entropy, mutual_information, predicted
-a new column whose name is already in DATA gets the prefix pred_
+a new column whose name is already taken gets the prefix pred_ (repeated until unique)
 """
 
 

@@ -70,7 +70,8 @@ class History:
             or ``val_accuracy``).
         best_epoch: the epoch whose state the model holds at the end (early stopping), or the
             last epoch.
-        stopped_early: whether early stopping ended the run.
+        stopped_early: whether early stopping ended the run before its last epoch (patience
+            running out on the last epoch leaves it ``False``: the run completed).
     """
 
     records: list[dict[str, float]] = field(default_factory=list)
@@ -684,7 +685,11 @@ def fit(
                         bad_epochs += 1
                 record["seconds"] = time.perf_counter() - started
                 history.records.append(record)
-                history.stopped_early = patience is not None and bad_epochs >= patience
+                # Early stopping ends a run only before its last epoch: patience running out
+                # on the last one is a completed run, which a resume with more epochs continues.
+                history.stopped_early = (
+                    patience is not None and bad_epochs >= patience and epoch + 1 < epochs
+                )
                 last_good = snapshot()
                 postfix = {
                     "elbo": f"{-record['loss']:.4g}",
