@@ -407,7 +407,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset", action="append", default=None, help="folder name; repeat; default: 5"
     )
-    parser.add_argument("--splits", type=int, default=20, help="first N splits of each dataset")
+    parser.add_argument("--splits", type=int, default=20, help="N splits of each dataset")
+    parser.add_argument("--first-split", type=int, default=0, help="start at this split")
+    parser.add_argument(
+        "--append", action="store_true", help="add these splits to the runs in --out's JSON"
+    )
     parser.add_argument("--extractor-epochs", type=int, default=100)
     parser.add_argument("--head-epochs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
@@ -420,6 +424,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for option in ("splits", "extractor_epochs", "head_epochs", "workers"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
+    if args.first_split < 0:
+        parser.error("--first-split must be >= 0")
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -437,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.dataset or list(DATASETS)
     tasks = []
     for name in names:
-        count = min(args.splits, load_uci(name, data_dir=args.data_dir).n_splits)
-        tasks += [(name, i) for i in range(count)]
+        stop = min(args.first_split + args.splits, load_uci(name, data_dir=args.data_dir).n_splits)
+        tasks += [(name, i) for i in range(args.first_split, stop)]
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     if args.workers == 1:
@@ -449,16 +455,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             for future in cf.as_completed(futures):
                 runs.append(future.result())
                 print(f"{len(runs)}/{len(tasks)} splits done", file=sys.stderr, flush=True)
+    command = "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    seconds = time.perf_counter() - started
+    if args.append:  # e.g. splits 10-19 after a run of 0-9: one table over all of them
+        old = json.loads((args.out / "last_layer.json").read_text())
+        if old["methods"] != methods:
+            raise SystemExit(f"--append: the JSON has methods {old['methods']}, not {methods}")
+        done = {(run["dataset"], run["split"]) for run in runs}
+        runs += [run for run in old["runs"] if (run["dataset"], run["split"]) not in done]
+        names += [name for name in dict.fromkeys(r["dataset"] for r in runs) if name not in names]
+        command, seconds = f"{old['command']}; {command}", seconds + old["seconds"]
     runs.sort(key=lambda run: (names.index(run["dataset"]), run["split"]))
     summary = summarise(runs, methods)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "render_only")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "render_only", "append")}
     data = {
-        "command": "python benchmarks/last_layer.py "
-        + " ".join(map(shlex.quote, argv or sys.argv[1:])),
+        "command": command,
         "machine": _machine(),
         "config": config,
         "methods": methods,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "summary": summary,
         "goals": goals(summary, methods),
         "runs": runs,

@@ -3,29 +3,19 @@ scikit-learn only: the other peers are benchmark extras)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "last_layer.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_last_layer", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+    return load_script(SCRIPT, "bench_last_layer")
 
 
 def _tiny_dataset(root: Path, n: int = 60, d: int = 3, splits: int = 2) -> None:
@@ -49,19 +39,20 @@ def test_tiny_run_writes_tables_and_goals(tmp_path: Path) -> None:
     bench = _load()
     _tiny_dataset(tmp_path)
     threads = torch.get_num_threads()
+    common = [
+        "--data-dir", str(tmp_path), "--dataset", "tiny", "--splits", "1",
+        "--extractor-epochs", "2", "--head-epochs", "2", "--out", str(tmp_path / "out"),
+        "--methods", "varlin exact,varlin variational,sklearn BayesianRidge",
+    ]  # fmt: skip
     try:
-        bench.main(
-            [
-                "--data-dir", str(tmp_path), "--dataset", "tiny", "--splits", "2",
-                "--extractor-epochs", "2", "--head-epochs", "2", "--out", str(tmp_path / "out"),
-                "--methods", "varlin exact,varlin variational,sklearn BayesianRidge",
-            ]
-        )  # fmt: skip
+        bench.main(common)  # split 0, then split 1 added to the same table
+        bench.main([*common, "--first-split", "1", "--append"])
     finally:
         torch.set_num_threads(threads)  # the script runs on one thread; leave the session as was
     data = json.loads((tmp_path / "out" / "last_layer.json").read_text())
     assert data["methods"] == ["varlin exact", "varlin variational", "sklearn BayesianRidge"]
-    assert len(data["runs"]) == 2 and data["summary"]["tiny"]["splits"] == 2
+    assert [run["split"] for run in data["runs"]] == [0, 1]
+    assert data["summary"]["tiny"]["splits"] == 2 and "--append" in data["command"]
     for method in data["methods"]:
         for key in ("test_ll", "rmse", "seconds"):
             mean, se = data["summary"]["tiny"][method][key]
