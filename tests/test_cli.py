@@ -680,3 +680,22 @@ def test_semicolon_separated_file_is_named(tmp_path: Path, capsys: pytest.Captur
     data.write_text("x1;x2;y\n1;2;3\n4;5;6\n")
     line = fit_fails(capsys, tmp_path, data)
     assert "looks semicolon-separated" in line and "'x1;x2;y'" in line
+
+
+def test_model_file_written_before_priors_recorded_their_family_still_predicts(
+    tmp_path: Path, model_file: Path, reg_csv: Path
+):
+    """A model file without the priors' family records (``*_prior._extra_state``) loads."""
+
+    def strip(state: dict) -> None:
+        records = [k for k in state["model"] if k.endswith("_extra_state")]
+        assert records  # today's files carry them
+        for key in records:
+            del state["model"][key]
+
+    old = _edit_model_file(model_file, strip)
+    new, before = tmp_path / "new.csv", tmp_path / "old.csv"
+    args = [str(reg_csv), "--num-samples", "16", "--out"]
+    assert cli.main(["predict", str(model_file), *args, str(new)]) == 0
+    assert cli.main(["predict", str(old), *args, str(before)]) == 0
+    assert new.read_text() == before.read_text()

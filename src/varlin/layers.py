@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from . import _validation as V
 from . import functional
 from . import priors as _priors
-from .kl import distribution_kl, normal_kl_sum
+from .kl import distribution_kl_sum, normal_kl_sum
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -181,9 +180,9 @@ class BayesianLinearBase(nn.Module):
             # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
             # closed-form backward.
             return normal_kl_sum(q.loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
-        return distribution_kl(
+        return distribution_kl_sum(
             Normal(q.loc, scale, validate_args=False), p(), generator=generator
-        ).sum()
+        )
 
     def kl_divergence(self) -> Tensor:
         r""":math:`KL(q(W)\|p(W)) + KL(q(b)\|p(b))`, summed over all entries, unweighted (0-dim)."""
@@ -191,8 +190,9 @@ class BayesianLinearBase(nn.Module):
 
     def _scales(self) -> tuple[Tensor, Tensor | None]:
         """``softplus(raw_scale)`` of the weight and the bias posteriors, once."""
-        b_scale = None if self.b_posterior is None else F.softplus(self.b_posterior.raw_scale)
-        return F.softplus(self.w_posterior.raw_scale), b_scale
+        b_raw = None if self.b_posterior is None else self.b_posterior.raw_scale
+        b_scale = None if b_raw is None else functional.positive_scale(b_raw)
+        return functional.positive_scale(self.w_posterior.raw_scale), b_scale
 
     def _kl_divergence(self, w_scale: Tensor | None, b_scale: Tensor | None) -> Tensor:
         kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator, w_scale)

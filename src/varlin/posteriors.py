@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal
 
 from . import _validation as V
-from .functional import inverse_softplus
+from .functional import inverse_softplus, positive_scale
 
 __all__ = ["MeanFieldNormal"]
 
@@ -60,8 +59,11 @@ class MeanFieldNormal(nn.Module):
 
     @property
     def scale(self) -> Tensor:
-        """The standard deviation :math:`\\sigma = \\operatorname{softplus}(\\rho)`."""
-        return F.softplus(self.raw_scale)
+        """The standard deviation :math:`\\sigma = \\operatorname{softplus}(\\rho)`, never 0.
+
+        Floored at the dtype's smallest normal number (:func:`~varlin.functional.positive_scale`).
+        """
+        return positive_scale(self.raw_scale)
 
     def reset_scale(self, init_scale: float | None = None) -> None:
         """Set every scale to ``init_scale`` (default: the constructor's)."""
