@@ -7,7 +7,7 @@ to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math
 from . import conjugate, convert, functional, kl, likelihoods, metrics, posteriors, priors
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
-from .convert import bayesian_last_layer, to_variational, to_variational_
+from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .layers import (
     LinearVariationalNormal,
@@ -39,6 +39,7 @@ __all__ = [
     "MeanFieldNormal",
     "VariationalLinear",
     "bayesian_last_layer",
+    "bayesian_last_layer_",
     "conjugate",
     "convert",
     "deterministic",
