@@ -1049,6 +1049,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all CPUs)")
     parser.add_argument("--label", default=None, help="what code this run measures (for notes)")
+    parser.add_argument(
+        "--note", action="append", default=[], help="a note printed with the tables (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
         "--render-only", action="store_true", help="rebuild speed.md from the JSON in --out"
@@ -1078,7 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         min_seconds = (args.min_ms if args.min_ms is not None else 30.0) / 1e3
         warmup = 3
 
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     impls = _linear_impls() + _varlin_impls() + _family_impls()
     if not args.no_peers:
         impls += _peer_impls(notes)
