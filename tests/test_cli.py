@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import varlin
 from varlin import cli
+from varlin.training import load_checkpoint, save_checkpoint
 
 FAST = ["--epochs", "3", "--hidden", "8", "--batch-size", "16", "--no-progress"]
 
@@ -699,3 +701,47 @@ def test_model_file_written_before_priors_recorded_their_family_still_predicts(
     assert cli.main(["predict", str(model_file), *args, str(new)]) == 0
     assert cli.main(["predict", str(old), *args, str(before)]) == 0
     assert new.read_text() == before.read_text()
+
+
+# -- posterior families -------------------------------------------------------------------------
+def test_fit_and_predict_with_a_lowrank_posterior(tmp_path: Path, reg_csv: Path) -> None:
+    model = tmp_path / "lr.pt"
+    args = ["fit", str(reg_csv), "--target", "y", "--posterior", "lowrank", "--rank", "2"]
+    assert cli.main([*args, "--out", str(model), *FAST]) == 0
+    spec, net, _ = cli.load_model_file(str(model))
+    assert spec["posterior"] == "lowrank" and spec["rank"] == 2
+    assert all(layer.posterior_name == "lowrank" for layer in varlin.variational_layers(net))
+    preds = tmp_path / "p.csv"
+    assert cli.main(["predict", str(model), str(reg_csv), "--out", str(preds)]) == 0
+    assert len(read_rows(preds)[1]) == 60
+
+
+def test_a_model_file_without_a_posterior_entry_is_mean_field(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """Files written before the families have no 'posterior'/'rank' in their spec."""
+    state = load_checkpoint(model_file)
+    del state["spec"]["posterior"], state["spec"]["rank"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, state)
+    spec, net, _ = cli.load_model_file(str(old))
+    assert all(layer.posterior_name == "meanfield" for layer in varlin.variational_layers(net))
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--posterior", "lowrank"], ["--posterior lowrank", "needs rank=k"]),
+        (["--rank", "2"], ["rank=2 was given but posterior='meanfield'"]),
+        (["--posterior", "radial"], ["estimator='local' is not valid with posterior='radial'",
+                                     "'reparameterization', 'flipout'"]),
+        (["--posterior", "lowrank", "--rank", "100000"], ["rank must be in [1, "]),
+    ],
+)  # fmt: skip
+def test_bad_posterior_options_are_one_line_errors(
+    tmp_path: Path, reg_csv: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
+    fragments: list[str],
+) -> None:  # fmt: skip
+    line = fit_fails(capsys, tmp_path, reg_csv, *extra)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)

@@ -46,18 +46,21 @@ B = 4  # examples per rank in the one-step test
 IN, HIDDEN, OUT = 3, 5, 1
 NUM_DATA = 64  # global dataset size N for the KL scaling: the step is a minibatch step
 LR = 0.1
-MODES = ("deterministic", "same_noise")
+#: "lowrank": the same-noise step for a model whose layers have a low-rank posterior (their
+#: weight samples draw the diagonal and the factor noise from the layer's generator).
+MODES = ("deterministic", "same_noise", "lowrank")
 FIT_DATA, FIT_BATCH = 64, 8
 
 
 # -- helpers shared by the workers and the single-process reference ---------------------------
 def _model(mode: str) -> nn.Module:
     """A small float64 network, identical on every rank (fixed seed, caller's RNG untouched)."""
+    family: dict[str, Any] = {"posterior": "lowrank", "rank": 2} if mode == "lowrank" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        first = varlin.VariationalLinear(IN, HIDDEN, init_scale=0.1, dtype=F64)
-        second = varlin.VariationalLinear(HIDDEN, OUT, init_scale=0.1, dtype=F64)
-    if mode == "same_noise":
+        first = varlin.VariationalLinear(IN, HIDDEN, init_scale=0.1, dtype=F64, **family)
+        second = varlin.VariationalLinear(HIDDEN, OUT, init_scale=0.1, dtype=F64, **family)
+    if mode in ("same_noise", "lowrank"):
         # One weight sample per layer per call (reparameterization), from identically seeded
         # generators: every rank draws the weights the single process draws for all 2B rows.
         first.generator = torch.Generator().manual_seed(100)

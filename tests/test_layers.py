@@ -403,19 +403,37 @@ def test_state_dict_round_trip_reproduces_outputs(estimator: str) -> None:
     assert torch.equal(y_source, y_fresh) and torch.equal(kl_source, kl_fresh)
 
 
-def test_torch_compile_forward_and_backward() -> None:
+def _compile_model(families: bool) -> nn.Sequential:
+    if not families:
+        return nn.Sequential(
+            varlin.VariationalLinear(IN, 8, estimator="local"),
+            nn.ReLU(),
+            varlin.VariationalLinear(8, 4, estimator="flipout"),
+            nn.ReLU(),
+            varlin.VariationalLinear(4, 2),
+        )
+    return nn.Sequential(
+        varlin.VariationalLinear(IN, 8, posterior="lowrank", rank=3, estimator="local"),
+        nn.ReLU(),
+        varlin.VariationalLinear(8, 4, posterior="lowrank", rank=2),
+        nn.ReLU(),
+        varlin.VariationalLinear(4, 4, posterior="matrix_normal", estimator="local"),
+        nn.ReLU(),
+        varlin.VariationalLinear(4, 3, posterior="radial", estimator="flipout"),
+        nn.ReLU(),
+        varlin.VariationalLinear(3, 2, posterior="full", estimator="local"),
+    )
+
+
+@pytest.mark.parametrize("families", [False, True], ids=["meanfield", "other-families"])
+def test_torch_compile_forward_and_backward(families: bool) -> None:
     """One small model, every estimator, CPU ``aot_eager`` backend (no C++ build): a few seconds.
 
     ``fullgraph=True``: a graph break inside the layer (there was one, on the value-check switch)
-    fails the test instead of silently splitting every layer's forward.
+    fails the test instead of silently splitting every layer's forward. Once with mean-field
+    layers, once with the low-rank, matrix-normal, radial and full families.
     """
-    model = nn.Sequential(
-        varlin.VariationalLinear(IN, 8, estimator="local"),
-        nn.ReLU(),
-        varlin.VariationalLinear(8, 4, estimator="flipout"),
-        nn.ReLU(),
-        varlin.VariationalLinear(4, 2),
-    )
+    model = _compile_model(families)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(5, IN)
     y = compiled(x)

@@ -17,7 +17,7 @@ from . import (
 )
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
-from .convert import bayesian_last_layer, to_variational, to_variational_
+from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .ensemble import fit_ensemble
 from .layers import (
@@ -52,6 +52,7 @@ __all__ = [
     "MeanFieldNormal",
     "VariationalLinear",
     "bayesian_last_layer",
+    "bayesian_last_layer_",
     "conjugate",
     "convert",
     "deterministic",

@@ -43,6 +43,7 @@ from .cli_files import (
     AUTO_MAX_CLASSES,
     ESTIMATORS,
     LIKELIHOODS,
+    POSTERIORS,
     TASKS,
     atomic_path,
     build_mlp,
@@ -99,15 +100,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         depth=args.depth,
         estimator=args.estimator,
+        posterior=args.posterior,
+        rank=args.rank,
     )
     torch.manual_seed(args.seed)
-    model = build_mlp(
-        len(spec["features"]),
-        spec["outputs"],
-        hidden=args.hidden,
-        depth=args.depth,
-        estimator=args.estimator,
-    )
+    try:
+        model = build_mlp(
+            len(spec["features"]),
+            spec["outputs"],
+            hidden=args.hidden,
+            depth=args.depth,
+            estimator=args.estimator,
+            posterior=args.posterior,
+            rank=args.rank,
+        )
+    except ValueError as exc:  # a family option that this network's layers cannot take
+        raise CLIError(f"--posterior {args.posterior}: {exc}") from None
     likelihood = model_likelihood(spec)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -224,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="regression noise: one learned scale, or a scale predicted per row",
     )
     p.add_argument("--estimator", choices=ESTIMATORS, default="local")
+    p.add_argument(
+        "--posterior", choices=POSTERIORS, default="meanfield",
+        help="variational family of every layer (lowrank needs --rank)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rank", type=V.arg_positive_int, default=None, help="rank of --posterior lowrank"
+    )
     p.add_argument("--hidden", type=V.arg_positive_int, default=50, help="units per hidden layer")
     p.add_argument("--depth", type=V.arg_positive_int, default=1, help="number of hidden layers")
     p.add_argument("--epochs", type=V.arg_positive_int, default=200)

@@ -33,6 +33,7 @@ from .checkpoints import load_checkpoint
 from .errors import CheckpointError, CLIError
 from .layers import VariationalLinear
 from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
+from .posteriors import FAMILIES
 from .predictive import ClassificationPrediction, RegressionPrediction
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "ESTIMATORS",
     "LIKELIHOODS",
     "MODEL_KIND",
+    "POSTERIORS",
     "TASKS",
     "atomic_path",
     "build_mlp",
@@ -58,6 +60,7 @@ __all__ = [
 MODEL_KIND = "varlin-mlp"
 TASKS = ("regression", "classification")
 ESTIMATORS = ("reparameterization", "local", "flipout")
+POSTERIORS = tuple(FAMILIES)
 LIKELIHOODS = ("homoscedastic", "heteroscedastic")
 #: With ``--task auto``, an integer-valued target with at most this many values is a class label.
 AUTO_MAX_CLASSES = 10
@@ -175,12 +178,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 # -- models -----------------------------------------------------------------------------------
-def build_mlp(d_in: int, d_out: int, *, hidden: int, depth: int, estimator: str) -> nn.Sequential:
+def build_mlp(
+    d_in: int,
+    d_out: int,
+    *,
+    hidden: int,
+    depth: int,
+    estimator: str,
+    posterior: str = "meanfield",
+    rank: int | None = None,
+) -> nn.Sequential:
     """A ReLU MLP of ``depth`` hidden layers of ``hidden`` units, every layer variational."""
     sizes = [d_in] + [hidden] * depth + [d_out]
     modules: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        modules.append(VariationalLinear(a, b, estimator=estimator))  # type: ignore[arg-type]
+        family: dict[str, Any] = {"posterior": posterior, "rank": rank}
+        modules.append(VariationalLinear(a, b, estimator=estimator, **family))  # type: ignore[arg-type]
         if i < len(sizes) - 2:
             modules.append(nn.ReLU())
     return nn.Sequential(*modules)
@@ -223,6 +236,11 @@ def _spec_problem(spec: dict[str, Any]) -> str | None:
         return f"'task' must be one of {TASKS}, got {spec['task']!r}"
     if spec["estimator"] not in ESTIMATORS:
         return f"'estimator' must be one of {ESTIMATORS}, got {spec['estimator']!r}"
+    # 'posterior' and 'rank' are absent from files written before the posterior families.
+    if spec.get("posterior", "meanfield") not in POSTERIORS:
+        return f"'posterior' must be one of {POSTERIORS}, got {spec['posterior']!r}"
+    if not (spec.get("rank") is None or (_is_int(spec["rank"]) and spec["rank"] > 0)):
+        return f"'rank' must be a positive integer or null, got {spec['rank']!r}"
     if spec["likelihood"] not in LIKELIHOODS:
         return f"'likelihood' must be one of {LIKELIHOODS}, got {spec['likelihood']!r}"
     for key in ("hidden", "depth", "outputs"):
@@ -278,6 +296,8 @@ def load_model_file(path: str) -> tuple[dict[str, Any], nn.Module, Likelihood]:
         hidden=spec["hidden"],
         depth=spec["depth"],
         estimator=spec["estimator"],
+        posterior=spec.get("posterior", "meanfield"),
+        rank=spec.get("rank"),
     )
     likelihood = model_likelihood(spec)
     for what, module in (("model", model), ("likelihood", likelihood)):
@@ -390,6 +410,8 @@ def fit_table(
     hidden: int,
     depth: int,
     estimator: str,
+    posterior: str = "meanfield",
+    rank: int | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, int]:
     """Read the CSV file ``path`` for ``varlin fit``.
 
@@ -419,6 +441,8 @@ def fit_table(
         "hidden": hidden,
         "depth": depth,
         "estimator": estimator,
+        "posterior": posterior,
+        "rank": rank,
         "likelihood": likelihood,
     }
     # Statistics in float64: float32 would overflow squaring values of ~1e20.

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from torch import Tensor, nn
-from torch.distributions import Normal
+from torch.distributions import Distribution
 
 from . import _validation as V
 from .likelihoods import Likelihood
@@ -81,7 +81,7 @@ class ELBO(nn.Module):
 
     def terms(
         self,
-        output: Tensor | Normal,
+        output: Tensor | Distribution,
         target: Tensor,
         kl: Tensor,
         *,
@@ -94,7 +94,8 @@ class ELBO(nn.Module):
             output: the model output on the minibatch (see
                 :meth:`varlin.likelihoods.Likelihood.expected_log_prob`): one sample ``(B, ...)``,
                 ``S`` samples ``(S, B, ...)`` with ``samples=True``, or a
-                :class:`~torch.distributions.Normal` for the closed form.
+                :class:`~torch.distributions.Normal` (or a multivariate Normal over correlated
+                outputs, from ``layer.output_moments``) for the closed form.
             target: the minibatch targets ``(B, ...)``.
             kl: the model's total KL, a 0-dim tensor (``varlin.kl_divergence(model)``).
             beta: overrides the constructor's KL weight for this call (a warm-up or annealing
@@ -121,7 +122,7 @@ class ELBO(nn.Module):
 
     def forward(
         self,
-        output: Tensor | Normal,
+        output: Tensor | Distribution,
         target: Tensor,
         kl: Tensor,
         *,

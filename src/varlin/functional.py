@@ -30,6 +30,7 @@ __all__ = [
     "reparameterized_linear",
     "local_reparameterized_linear",
     "flipout_linear",
+    "flip_perturbation",
     "inverse_softplus",
     "positive_scale",
     "ESTIMATORS",
@@ -351,23 +352,67 @@ def flipout_linear(
         (*lead, *w_loc.shape), generator=generator, device=w_loc.device, dtype=w_loc.dtype
     )
     delta_w = w_scale * eps
-    sign_in = _random_signs(x.shape, generator, x)
-    sign_out = _random_signs((*x.shape[: x.dim() - rows.dim()], *mean.shape), generator, mean)
+    sign_in, sign_out = _flip_signs(x, rows, mean, generator)
     delta_b = None
     if b_loc is not None:
         assert b_scale is not None
         shape_b = (*lead, *([1] if lead else []), *b_loc.shape)
         eps_b = torch.randn(shape_b, generator=generator, device=b_loc.device, dtype=b_loc.dtype)
         delta_b = b_scale * eps_b
-    if lead:
-        flat = (x * sign_in).reshape(lead[0], -1, w_loc.shape[0])
+    return _flip(x, mean, delta_w, delta_b, sign_in, sign_out)
+
+
+def _flip_signs(
+    x: Tensor, rows: Tensor, mean: Tensor, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Flipout's random signs over the inputs and the outputs of every example."""
+    sign_in = _random_signs(x.shape, generator, x)
+    sign_out = _random_signs((*x.shape[: x.dim() - rows.dim()], *mean.shape), generator, mean)
+    return sign_in, sign_out
+
+
+def _flip(
+    x: Tensor,
+    mean: Tensor,
+    delta_w: Tensor,
+    delta_b: Tensor | None,
+    sign_in: Tensor,
+    sign_out: Tensor,
+) -> Tensor:
+    """``mean + ((x * sign_in) @ delta_w + delta_b) * sign_out``; ``delta_w`` may be stacked
+    ``(S, in, out)`` for ``S`` sample slices of ``x`` (``delta_b`` then ``(S, 1, out)``)."""
+    if delta_w.dim() == 3:
+        flat = (x * sign_in).reshape(delta_w.shape[0], -1, delta_w.shape[1])
         perturbation = torch.bmm(flat, delta_w.to(flat.dtype))
         if delta_b is not None:
             perturbation = perturbation + delta_b
-        perturbation = perturbation.reshape(*x.shape[:-1], w_loc.shape[1])
+        perturbation = perturbation.reshape(*x.shape[:-1], delta_w.shape[2])
     else:
         perturbation = _affine(x * sign_in, delta_w, delta_b)
     return torch.addcmul(mean, perturbation, sign_out)
+
+
+def flip_perturbation(
+    x: Tensor,
+    w_loc: Tensor,
+    b_loc: Tensor | None,
+    delta_w: Tensor,
+    delta_b: Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Flipout with a given shared perturbation :math:`(\Delta W, \Delta b)`.
+
+    For any posterior whose perturbation keeps its law under sign flips of its entries (the
+    mean-field Normal, the radial distribution):
+    :math:`y_n = x_n\mu_W + \mu_b + ((x_n\odot r_n)\Delta W + \Delta b)\odot s_n`. A stacked
+    ``delta_w`` of shape ``(S, in, out)`` (``delta_b`` ``(S, 1, out)``) serves ``S`` sample
+    slices of ``x``, one perturbation each.
+    """
+    rows = _shared_rows(x, w_loc)
+    mean = _affine(rows, w_loc, b_loc)
+    sign_in, sign_out = _flip_signs(x, rows, mean, generator)
+    return _flip(x, mean, delta_w, delta_b, sign_in, sign_out)
 
 
 ESTIMATORS = {

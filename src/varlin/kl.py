@@ -6,7 +6,9 @@ has none it returns the single-sample Monte Carlo estimate
 
 .. math:: \widehat{KL} = \log q(z) - \log p(z), \quad z \sim q \text{ (reparameterized)},
 
-which is unbiased and differentiable. That fallback lives here and nowhere else.
+which is unbiased and differentiable. That fallback lives here and nowhere else; so does its
+variant :func:`entropy_kl` for a posterior whose entropy is closed form (the radial family):
+:math:`-H(q) - \log p(z)`, the Monte Carlo part reduced to the cross-entropy.
 
 :func:`normal_kl` is the closed form for two Normals written for the layers' hot path: it takes
 tensors (no distribution objects), is clamped at its true minimum 0 against rounding, and sums.
@@ -28,6 +30,7 @@ from .functional import _plain_ops_only
 __all__ = [
     "distribution_kl",
     "distribution_kl_sum",
+    "entropy_kl",
     "normal_kl",
     "normal_kl_sum",
     "has_closed_form",
@@ -229,3 +232,26 @@ def distribution_kl_sum(
     if any(t.dtype == torch.float16 for t in vars(q).values() if isinstance(t, Tensor)):
         q, p = _float16_to_float32(q), _float16_to_float32(p)
     return distribution_kl(q, p, generator=generator).sum()
+
+
+def entropy_kl(entropy: Tensor, samples: list[tuple[Tensor, Distribution]]) -> Tensor:
+    r""":math:`KL(q\,\|\,p) \approx -H(q) - \sum_k \log p_k(z_k)` for a joint draw :math:`z \sim q`.
+
+    For a posterior with a closed-form entropy but no closed-form cross-entropy to the prior
+    (the radial posterior against a scale-mixture prior, say): unbiased, with the Monte Carlo
+    noise of the cross-entropy only.
+
+    Args:
+        entropy: :math:`H(q)`, 0-dim.
+        samples: ``(z_k, p_k)`` pairs: the parts of one reparameterized draw (the weights, the
+            bias) and the elementwise priors over them.
+
+    Returns:
+        The estimate, 0-dim.
+    """
+    if any(z.dtype == torch.float16 for z, _ in samples):
+        # As distribution_kl_sum: float16 sums of ~1 nat per weight overflow; use float32.
+        samples = [(z.float(), _float16_to_float32(prior)) for z, prior in samples]
+        entropy = entropy.float()
+    cross = sum((-prior.log_prob(z).sum() for z, prior in samples), torch.zeros_like(entropy))
+    return cross - entropy

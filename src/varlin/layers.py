@@ -1,9 +1,10 @@
 r"""Variational linear layers: the seed's ``LinearVariationalNormal`` and ``VariationalLinear``.
 
-Both layers hold a mean-field Normal posterior over weights ``W`` of shape
-``(in_features, out_features)`` and an optional bias, priors as buffers, and compute
-``y = x @ W + b`` with the weights drawn from the posterior by one of three estimators
-(:data:`varlin.functional.ESTIMATORS`). They differ only in what ``forward`` returns:
+Both layers hold a variational posterior over weights ``W`` of shape
+``(in_features, out_features)`` and an optional bias (a family of :mod:`varlin.posteriors`,
+mean-field Normal by default), priors as buffers, and compute ``y = x @ W + b`` with the weights
+drawn from the posterior by one of three estimators (:data:`varlin.functional.ESTIMATORS`), as far
+as the family allows. They differ only in what ``forward`` returns:
 
 - :class:`LinearVariationalNormal` (the seed's contract): ``y, kl = layer(x, kl_weight)``;
 - :class:`VariationalLinear`: ``y = layer(x)``, for ``nn.Sequential`` and converted models; the
@@ -22,8 +23,9 @@ from torch.distributions import Distribution, Normal
 
 from . import _validation as V
 from . import functional
+from . import posteriors as _posteriors
 from . import priors as _priors
-from .kl import distribution_kl_sum, normal_kl_sum
+from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -31,12 +33,14 @@ __all__ = [
     "LinearVariationalNormal",
     "VariationalLinear",
     "Estimator",
+    "Posterior",
     "kl_divergence",
     "deterministic",
     "variational_layers",
 ]
 
 Estimator = Literal["reparameterization", "local", "flipout"]
+Posterior = Literal["meanfield", "lowrank", "matrix_normal", "full", "radial"]
 _ESTIMATORS: tuple[str, ...] = tuple(functional.ESTIMATORS)
 
 
@@ -52,12 +56,24 @@ class BayesianLinearBase(nn.Module):
             ``varlin.priors.normal(1.0)``, the seed's standard Normal.
         make_bias_prior: callable ``(out_features,) -> Distribution``; default standard Normal.
         estimator: ``"reparameterization"`` (one weight sample per call, the seed's),
-            ``"local"`` (local reparameterization) or ``"flipout"``.
+            ``"local"`` (local reparameterization) or ``"flipout"``; each family accepts those
+            its math allows (see :mod:`varlin.posteriors`).
         init_scale: initial posterior standard deviation of every weight and bias (> 0). Small,
             so that a fresh network computes close to its mean and trains like ``nn.Linear``.
         generator: a :class:`torch.Generator` on the layer's device that all noise is drawn from;
             ``None`` uses torch's default generator.
+        posterior: the variational family: ``"meanfield"`` (the default), ``"lowrank"``,
+            ``"matrix_normal"``, ``"full"`` or ``"radial"`` (:data:`varlin.posteriors.FAMILIES`).
+            The joint families model the bias together with the weights.
+        rank: the rank ``k >= 1`` of ``posterior="lowrank"`` (required there, refused elsewhere).
+        factors: ``"full"`` (default) or ``"diagonal"`` row and column factors of
+            ``posterior="matrix_normal"``.
         device, dtype: factory keyword arguments, as for :class:`torch.nn.Linear`.
+
+    Attributes:
+        w_posterior: the family (a :class:`varlin.posteriors.Family` module).
+        b_posterior: the bias's own :class:`~varlin.posteriors.MeanFieldNormal` for the
+            mean-field family; ``None`` without a bias or when the family holds the bias.
     """
 
     def __init__(
@@ -71,6 +87,9 @@ class BayesianLinearBase(nn.Module):
         estimator: Estimator = "reparameterization",
         init_scale: float = 1e-2,
         generator: torch.Generator | None = None,
+        posterior: Posterior = "meanfield",
+        rank: int | None = None,
+        factors: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
@@ -90,27 +109,34 @@ class BayesianLinearBase(nn.Module):
         self.generator = generator
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
+        family, bias_factor = _posteriors.build(
+            posterior, self.in_features, self.out_features, bias=bias, rank=rank,
+            factors=factors, init_scale=init_scale, **factory,
+        )  # fmt: skip
+        family.check_estimator(self.estimator)
+        self.posterior_name: str = family.name
+        self.has_bias = bias
         shape_w = (self.in_features, self.out_features)
-        self.w_posterior = MeanFieldNormal(shape_w, init_scale=init_scale, **factory)
+        self.w_posterior: _posteriors.Family = family
         self.w_prior = _priors.build(
             make_weights_prior if make_weights_prior is not None else _priors.normal(),
             shape_w,
             name="make_weights_prior",
             **factory,
         )
-        self.w_prior.check_like(self.w_posterior.loc, name="make_weights_prior")
+        self.w_prior.check_like(family.weight_loc, name="make_weights_prior")
         self.b_posterior: MeanFieldNormal | None
         self.b_prior: _priors.Prior | None
         if bias:
             shape_b = (self.out_features,)
-            self.b_posterior = MeanFieldNormal(shape_b, init_scale=init_scale, **factory)
+            self.register_module("b_posterior", bias_factor)
             self.b_prior = _priors.build(
                 make_bias_prior if make_bias_prior is not None else _priors.normal(),
                 shape_b,
                 name="make_bias_prior",
                 **factory,
             )
-            self.b_prior.check_like(self.b_posterior.loc, name="make_bias_prior")
+            self.b_prior.check_like(family.weight_loc, name="make_bias_prior")
         else:
             if make_bias_prior is not None:
                 raise ValueError("make_bias_prior was given but bias=False; drop one of them")
@@ -124,7 +150,7 @@ class BayesianLinearBase(nn.Module):
     # -- parameters -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """Means as ``nn.Linear`` initialises them (U(±1/sqrt(in))); scales to ``init_scale``."""
-        self.w_posterior.reset_parameters(self.generator)
+        self.w_posterior.reset_parameters(self.generator)  # type: ignore[operator]
         if self.b_posterior is not None:
             # nn.Linear draws the bias from the same bound as the weight: fan_in = in_features.
             bound = 1.0 / self.in_features**0.5
@@ -132,32 +158,67 @@ class BayesianLinearBase(nn.Module):
                 self.b_posterior.loc.uniform_(-bound, bound, generator=self.generator)
             self.b_posterior.reset_scale()
 
+    def _realise(self) -> Any:
+        """The family's constrained tensors for one step (softplus once, shared by y and KL)."""
+        return self.w_posterior.realise(self.b_posterior)
+
     @property
     def w_loc(self) -> Tensor:
         """The seed's name for the weight posterior mean."""
-        return self.w_posterior.loc
+        return self.w_posterior.weight_loc
 
     @property
     def w_scale(self) -> Tensor:
-        """The seed's name for the weight posterior standard deviation (softplus of raw_scale)."""
-        return self.w_posterior.scale
+        """The seed's name for the weight posterior standard deviation (of each weight)."""
+        return self.w_posterior.marginals(self._realise())[1]
 
     @property
     def b_loc(self) -> Tensor | None:
-        return None if self.b_posterior is None else self.b_posterior.loc
+        return self.w_posterior.bias_loc_of(self.b_posterior)
 
     @property
     def b_scale(self) -> Tensor | None:
-        return None if self.b_posterior is None else self.b_posterior.scale
+        if self.b_posterior is not None:
+            return self.b_posterior.scale
+        return self.w_posterior.marginals(self._realise())[3]
 
     # -- distributions ----------------------------------------------------------------------
     def weight_posterior(self) -> Normal:
-        """:math:`q(W)`, a Normal with batch shape ``(in_features, out_features)``."""
-        return self.w_posterior()
+        """:math:`q(W)`, a Normal with batch shape ``(in_features, out_features)``.
+
+        For a joint family, the marginal of each weight (their correlations are in
+        :meth:`posterior`); the radial family's marginals are not Normal and it raises.
+        """
+        w_loc, w_std, _, _ = self._normal_marginals()
+        return Normal(w_loc, w_std, validate_args=False)
 
     def bias_posterior(self) -> Normal | None:
         """:math:`q(b)`, a Normal with batch shape ``(out_features,)``, or ``None`` without bias."""
-        return None if self.b_posterior is None else self.b_posterior()
+        if self.b_posterior is not None:
+            return self.b_posterior()
+        if not self.has_bias:
+            return None
+        _, _, b_loc, b_std = self._normal_marginals()
+        assert b_loc is not None and b_std is not None
+        return Normal(b_loc, b_std, validate_args=False)
+
+    def _normal_marginals(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        if not self.w_posterior.gaussian:
+            raise TypeError(
+                f"posterior={self.posterior_name!r} has no Normal marginals; use "
+                "layer.posterior() for the distribution, layer.w_scale for the standard deviations"
+            )
+        return self.w_posterior.marginals(self._realise())
+
+    def posterior(self) -> Distribution:
+        r"""The joint posterior of the weights and bias, :math:`\theta = [W\text{ row by row}; b]`.
+
+        An ``Independent`` Normal (mean-field), a ``LowRankMultivariateNormal`` (lowrank) or
+        a ``MultivariateNormal`` (full) over the vector :math:`\theta`; a
+        :class:`varlin.distributions.MatrixNormal` or :class:`varlin.distributions.Radial`
+        over the matrix ``[W; b]`` (``(in_features + 1, out_features)`` with a bias).
+        """
+        return self.w_posterior.distribution(self._realise())
 
     def weight_prior(self) -> Distribution:
         """:math:`p(W)`, expanded to batch shape ``(in_features, out_features)``."""
@@ -169,66 +230,71 @@ class BayesianLinearBase(nn.Module):
     # -- KL ---------------------------------------------------------------------------------
     @staticmethod
     def _kl_sum(
-        q: MeanFieldNormal,
-        p: _priors.Prior,
-        generator: torch.Generator | None,
-        scale: Tensor | None = None,
+        loc: Tensor, scale: Tensor, p: _priors.Prior, generator: torch.Generator | None
     ) -> Tensor:
-        # ``scale``: softplus(raw_scale) when the caller has it already (computed once per step).
-        scale = q.scale if scale is None else scale
+        r""":math:`\sum_i KL(\mathcal N(\mu_i, \sigma_i^2)\,\|\,p_i)`."""
         if p.distribution_type is Normal:
             # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
             # closed-form backward.
-            return normal_kl_sum(q.loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
+            return normal_kl_sum(loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
         return distribution_kl_sum(
-            Normal(q.loc, scale, validate_args=False), p(), generator=generator
+            Normal(loc, scale, validate_args=False), p(), generator=generator
         )
 
     def kl_divergence(self) -> Tensor:
-        r""":math:`KL(q(W)\|p(W)) + KL(q(b)\|p(b))`, summed over all entries, unweighted (0-dim)."""
-        return self._kl_divergence(None, None)
+        r""":math:`KL(q(W, b)\,\|\,p(W)p(b))`, summed over all entries, unweighted (0-dim)."""
+        return self._kl_divergence(self._realise())
 
-    def _scales(self) -> tuple[Tensor, Tensor | None]:
-        """``softplus(raw_scale)`` of the weight and the bias posteriors, once."""
-        b_raw = None if self.b_posterior is None else self.b_posterior.raw_scale
-        b_scale = None if b_raw is None else functional.positive_scale(b_raw)
-        return functional.positive_scale(self.w_posterior.raw_scale), b_scale
-
-    def _kl_divergence(self, w_scale: Tensor | None, b_scale: Tensor | None) -> Tensor:
-        kl = self._kl_sum(self.w_posterior, self.w_prior, self.generator, w_scale)
-        if self.b_posterior is not None and self.b_prior is not None:
-            kl = kl + self._kl_sum(self.b_posterior, self.b_prior, self.generator, b_scale)
-        return kl
+    def _kl_divergence(self, t: Any) -> Tensor:
+        family = self.w_posterior
+        priors = [self.w_prior] + ([] if self.b_prior is None else [self.b_prior])
+        if all(p.distribution_type is Normal for p in priors):
+            # Normal priors: per-weight Normal KLs on the fused fast path, plus what the family
+            # computes in closed form (nothing for mean-field; see Family.normal_kl_split).
+            w_loc, w_ref, b_loc, b_ref = family.normal_kl_split(t)
+            kl = self._kl_sum(w_loc, w_ref, self.w_prior, self.generator)
+            b_scale = None
+            if b_loc is not None and b_ref is not None and self.b_prior is not None:
+                kl = kl + self._kl_sum(b_loc, b_ref, self.b_prior, self.generator)
+                b_scale = self.b_prior.get_buffer("scale")
+            rest = family.normal_kl_rest(t, self.w_prior.get_buffer("scale"), b_scale)
+            return kl if rest is None else kl + rest
+        w_loc, w_std, b_loc, b_std = family.marginals(t)
+        if family.gaussian:
+            # KL(q || prod_i p_i) = sum_i KL(q_i || p_i) + total correlation (see posteriors):
+            # the marginals' KLs through the same path as the mean-field family's, plus one
+            # closed-form term from the family.
+            kl = self._kl_sum(w_loc, w_std, self.w_prior, self.generator)
+            if b_loc is not None and b_std is not None and self.b_prior is not None:
+                kl = kl + self._kl_sum(b_loc, b_std, self.b_prior, self.generator)
+            gap = family.entropy_gap(t)
+            return kl if gap is None else kl + gap
+        w, b = family.rsample_weights(t, (), self.generator)
+        samples = [(w, self.w_prior())]
+        if b is not None and self.b_prior is not None:
+            samples.append((b, self.b_prior()))
+        return entropy_kl(family.entropy(t), samples)
 
     # -- forward ----------------------------------------------------------------------------
-    def output_moments(self, x: Tensor) -> Normal:
+    def output_moments(self, x: Tensor) -> Distribution:
         r"""The exact distribution of this layer's output for a fixed input, per example.
 
-        :math:`\mathcal N(x\mu_W + \mu_b,\; x^2\sigma_W^2 + \sigma_b^2)`: what the local
-        reparameterization samples from; feeds closed-form expected log-likelihoods and
-        predictives (:class:`varlin.likelihoods.Gaussian`).
+        Mean-field: :math:`\mathcal N(x\mu_W + \mu_b,\; x^2\sigma_W^2 + \sigma_b^2)`, what the
+        local reparameterization samples from; feeds closed-form expected log-likelihoods and
+        predictives (:class:`varlin.likelihoods.Gaussian`). The other Gaussian families give a
+        Normal where an example's outputs are independent (or single), else a
+        ``MultivariateNormal`` (``LowRankMultivariateNormal`` for lowrank) over them; the
+        radial family raises (its outputs are not Gaussian).
         """
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
-        V.same_dtype("x", x, self.w_posterior.loc)
-        b = self.b_posterior
-        mean = functional.mean_linear(x, self.w_posterior.loc, None if b is None else b.loc)
-        w_scale = self.w_scale
-        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-            # x**2 and scale**2 leave float16's range: the variance path stays in full precision.
-            with torch.autocast(x.device.type, enabled=False):
-                xf = x.to(w_scale.dtype)
-                var = (xf * xf) @ w_scale.square()
-        else:
-            var = (x * x) @ w_scale.square()
-        if b is not None:
-            var = var + b.scale.square()
-        return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), validate_args=False)
+        V.same_dtype("x", x, self.w_loc)
+        return self.w_posterior.output_distribution(x, self._realise())
 
-    def _output(self, x: Tensor, scales: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+    def _output(self, x: Tensor, t: Any = None) -> Tensor:
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
-        w_loc = self.w_posterior.loc
+        w_loc = self.w_loc
         if x.dtype != w_loc.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x has dtype {x.dtype} but the layer's parameters are {w_loc.dtype}; "
@@ -236,26 +302,34 @@ class BayesianLinearBase(nn.Module):
             )
         if V.is_validating():
             V.check_finite("x", x)
-        b = self.b_posterior
         if self._use_mean:
-            return functional.mean_linear(x, w_loc, None if b is None else b.loc)
-        estimate = functional.ESTIMATORS[self.estimator]
-        w_scale, b_scale = self._scales() if scales is None else scales
-        return estimate(
+            return self.w_posterior.mean_output(x, self.b_posterior)
+        return self.w_posterior.sample_output(
             x,
-            w_loc,
-            w_scale,
-            None if b is None else b.loc,
-            b_scale,
+            self._realise() if t is None else t,
+            self.estimator,
             generator=self.generator,
             num_weight_samples=self._num_weight_samples,
         )
 
+    def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None = None) -> None:
+        """Set every weight's (bias's) posterior standard deviation, correlations at or near 0.
+
+        Used by the MOPED initialisation of :func:`varlin.to_variational`. The matrix-normal
+        family has no scale per weight and raises.
+        """
+        self.w_posterior.set_marginal_scale(w_scale, b_scale)
+        if self.b_posterior is not None and b_scale is not None:
+            self.b_posterior.set_scale(b_scale)
+
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.b_posterior is not None}, estimator={self.estimator!r}"
+            f"bias={self.has_bias}, estimator={self.estimator!r}"
         )
+        if self.posterior_name != "meanfield":
+            text += f", posterior={self.posterior_name!r}"
+        return text
 
 
 class LinearVariationalNormal(BayesianLinearBase):
@@ -295,10 +369,10 @@ class LinearVariationalNormal(BayesianLinearBase):
                 V.real("kl_weight", kl_weight, min_value=0.0)
         else:
             kl_weight = V.real("kl_weight", kl_weight, min_value=0.0)
-        # softplus once per step, shared by the sample and the KL (autograd adds both gradients
-        # before one softplus backward).
-        scales = self._scales()
-        return self._output(x, scales), kl_weight * self._kl_divergence(*scales)
+        # The family's constrained tensors (softplus, factors) once per step, shared by the
+        # sample and the KL (autograd adds both gradients before one softplus backward).
+        t = self._realise()
+        return self._output(x, t), kl_weight * self._kl_divergence(t)
 
 
 class VariationalLinear(BayesianLinearBase):

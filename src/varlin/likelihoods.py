@@ -9,7 +9,8 @@ needs:
   ``samples=True``, ``S`` samples stacked in a leading dimension (averaged), for every
   likelihood;
 - in closed form, from a :class:`~torch.distributions.Normal` ``output`` (the moments of a
-  Gaussian pre-activation, as the local reparameterization gives them), for :class:`Gaussian`:
+  Gaussian pre-activation, as the local reparameterization gives them; or a multivariate Normal
+  over correlated outputs), for :class:`Gaussian`:
 
   .. math::
       \mathbb E_{f\sim\mathcal N(m, v)}\big[\log\mathcal N(y; f, \sigma^2)\big]
@@ -27,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli as _Bernoulli
 from torch.distributions import Categorical as _Categorical
-from torch.distributions import Distribution, Normal
+from torch.distributions import (
+    Distribution,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+)
 
 from . import _validation as V
 from .functional import inverse_softplus
@@ -96,7 +102,7 @@ class Likelihood(nn.Module):
         return self(output).log_prob(target)
 
     def expected_log_prob(
-        self, output: Tensor | Normal, target: Tensor, *, samples: bool = False
+        self, output: Tensor | Distribution, target: Tensor, *, samples: bool = False
     ) -> Tensor:
         r"""Per-example :math:`\mathbb E_q[\log p(y_n\mid f_n)]`, shape ``(N,)``.
 
@@ -229,15 +235,18 @@ class Gaussian(Likelihood):
         return Normal(mean, scale.expand(mean.shape), validate_args=False).log_prob(target)
 
     def expected_log_prob(
-        self, output: Tensor | Normal, target: Tensor, *, samples: bool = False
+        self, output: Tensor | Distribution, target: Tensor, *, samples: bool = False
     ) -> Tensor:
-        if not isinstance(output, Normal):
+        # A Normal output, or a (low-rank) multivariate Normal over the last dimension (a head
+        # whose posterior correlates its outputs): with independent noise only the marginal
+        # variances enter the expectation.
+        if not isinstance(output, (Normal, MultivariateNormal, LowRankMultivariateNormal)):
             return super().expected_log_prob(output, target, samples=samples)
         if samples:
             raise ValueError(
                 "samples=True needs sampled output tensors; a Normal output is already exact"
             )
-        mean, var = output.loc, output.variance
+        mean, var = output.mean, output.variance
         target = self.check_target(mean, target)
         mean, var = self._match(mean, target), self._match(var, target)
         noise_var = self._scale_like(mean) ** 2

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from . import _validation as V
+from .conjugate import ExactLinear
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 
@@ -73,6 +74,9 @@ class RegressionPrediction:
         aleatoric: expected noise variance (data uncertainty); zeros without a likelihood.
         sample_means: per-sample means ``(S, N)``, or ``None`` for the closed form.
         sample_vars: per-sample noise variances ``(S, N)``, or ``None``.
+        epistemic_covariance: for the closed form of a head whose posterior correlates its
+            ``D`` outputs (``"lowrank"``, ``"full"``, ``"matrix_normal"``), the epistemic
+            covariance across them, ``(N, D, D)``; else ``None``.
     """
 
     mean: Tensor
@@ -80,11 +84,21 @@ class RegressionPrediction:
     aleatoric: Tensor
     sample_means: Tensor | None = None
     sample_vars: Tensor | None = None
+    epistemic_covariance: Tensor | None = None
 
     @property
     def variance(self) -> Tensor:
         """Total predictive variance, epistemic + aleatoric."""
         return self.epistemic + self.aleatoric
+
+    @property
+    def covariance(self) -> Tensor | None:
+        """Total predictive covariance across the outputs, ``(N, D, D)``: the epistemic
+        covariance plus the (independent) noise on the diagonal; ``None`` where the outputs'
+        epistemic covariance is not known (Monte Carlo, mean-field heads)."""
+        if self.epistemic_covariance is None:
+            return None
+        return self.epistemic_covariance + torch.diag_embed(self.aleatoric)
 
     @property
     def std(self) -> Tensor:
@@ -336,15 +350,29 @@ def _sample_outputs(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     return out.reshape(num_samples, out.shape[0] // num_samples, *out.shape[1:])
 
 
-def _last_layer_split(model: nn.Module) -> tuple[nn.Module, BayesianLinearBase] | None:
-    """``(features, head)`` if the model's only variational layer is its last module."""
-    if isinstance(model, BayesianLinearBase):
+_Head = BayesianLinearBase | ExactLinear
+
+
+def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
+    """``(features, head)`` if the model's only Bayesian layer is its last module (a
+    variational layer, or an exact head fitted in closed form)."""
+    if isinstance(model, (BayesianLinearBase, ExactLinear)):
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if isinstance(head, BayesianLinearBase) and len(list(variational_layers(model))) == 1:
+        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(model[:-1]):
             return model[:-1], head
     return None
+
+
+def _gaussian_head(head: nn.Module) -> bool:
+    """Whether a head's output for fixed features is Gaussian (every exact head; a variational
+    one whose posterior family is Gaussian)."""
+    return not isinstance(head, BayesianLinearBase) or head.w_posterior.gaussian
+
+
+def _has_bayesian(model: nn.Module) -> bool:
+    return any(isinstance(m, (BayesianLinearBase, ExactLinear)) for m in model.modules())
 
 
 def _closed_form(
@@ -354,25 +382,37 @@ def _closed_form(
     if split is None or not (likelihood is None or isinstance(likelihood, Gaussian)):
         raise ValueError(
             "method='closed_form' needs a model whose only variational layer is its last module "
-            "(a VariationalLinear at the end of an nn.Sequential, or the layer itself) and a "
-            "Gaussian likelihood (or none); use method='mc'"
+            "(a VariationalLinear or ExactLinear at the end of an nn.Sequential, or the layer "
+            "itself) and a Gaussian likelihood (or none); use method='mc'"
         )
     features, head = split
+    if not _gaussian_head(head):
+        raise ValueError(
+            f"method='closed_form' needs a Gaussian posterior on the head, got "
+            f"posterior={getattr(head, 'posterior_name', None)!r}; use method='mc'"
+        )
     h = _call(features, x)
     name = "x" if isinstance(features, nn.Identity) else "the feature extractor's output"
     V.last_dim(name, h, head.in_features, "in_features")
     V.same_dtype(name, h, head.w_loc)
-    # The head's output for fixed features h is exactly N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2).
+    # The head's output for fixed features h is exactly Gaussian (mean-field:
+    # N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2); correlated across outputs for joint families).
     moments = head.output_moments(h)
-    mean, var = moments.loc, moments.variance
-    if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
+    mean, var = moments.mean, moments.variance
+    covariance = getattr(moments, "covariance_matrix", None)  # outputs correlated by the head
+    if getattr(head, "_use_mean", False):  # inside varlin.deterministic(model): no spread
         var = torch.zeros_like(var)
-    if mean.shape[-1] == 1:
-        mean, var = mean.squeeze(-1), var.squeeze(-1)
+        covariance = None if covariance is None else torch.zeros_like(covariance)
     noise = torch.zeros_like(mean)
     if likelihood is not None:
         noise = noise + likelihood.noise_scale.to(mean.dtype) ** 2
-    return RegressionPrediction(mean=mean, epistemic=var, aleatoric=noise)
+    elif isinstance(head, ExactLinear):  # an exact head carries its fitted noise
+        noise = noise + head.noise_variance
+    if mean.shape[-1] == 1:
+        mean, var, noise = mean.squeeze(-1), var.squeeze(-1), noise.squeeze(-1)
+    return RegressionPrediction(
+        mean=mean, epistemic=var, aleatoric=noise, epistemic_covariance=covariance
+    )
 
 
 def _summarise(
@@ -462,10 +502,14 @@ def predict(
             every estimator; through any module, batched where that is exact (see the module
             docstring for the rule), else in a loop of ``S`` calls.
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
-            mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
-            :class:`~varlin.likelihoods.Categorical` give a classification summary.
+            mean (aleatoric part 0; for an exact head, its fitted noise).
+            :class:`~varlin.likelihoods.Bernoulli` or :class:`~varlin.likelihoods.Categorical`
+            give a classification summary.
         method: ``"mc"``; ``"closed_form"`` (exact, for a Bayesian last layer with a Gaussian
-            likelihood); ``"auto"`` picks the closed form when it applies.
+            posterior family and a Gaussian likelihood; with a ``"full"``, ``"lowrank"`` or
+            ``"matrix_normal"`` head it includes the covariance across outputs,
+            :attr:`RegressionPrediction.covariance`); ``"auto"`` picks the closed form when it
+            applies.
         batch_size: evaluate ``x`` in chunks of this many rows (memory ``S x batch_size``).
 
     Returns:
@@ -493,11 +537,20 @@ def predict(
         )
     if V.is_validating():
         V.check_finite("x", x)
-    closed_ok = _last_layer_split(model) is not None and (
-        likelihood is None or isinstance(likelihood, Gaussian)
+    split = _last_layer_split(model)
+    closed_ok = (
+        split is not None
+        and _gaussian_head(split[1])
+        and (likelihood is None or isinstance(likelihood, Gaussian))
     )
     if method == "closed_form" or (method == "auto" and closed_ok):
         return _closed_form(model, x, likelihood)
+    if any(isinstance(m, ExactLinear) for m in model.modules()):
+        # Its forward is the posterior mean: sampling the rest would drop its uncertainty.
+        raise ValueError(
+            "the model holds an ExactLinear head, whose predictive is computed in closed form "
+            "only: use method='auto' or 'closed_form' with a Gaussian likelihood (or none)"
+        )
     size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
     outs = [_sample_outputs(model, chunk, num_samples) for chunk in x.split(max(size, 1))]
     return _summarise(torch.cat(outs, dim=1), likelihood)

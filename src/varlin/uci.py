@@ -28,6 +28,7 @@ from . import _validation as V
 from ._io import atomic_write
 from .data import UCI_DATASETS, UCIDataset, load_uci
 from .errors import CLIError
+from .posteriors import FAMILIES
 from .uci_protocol import (
     _OVERRIDES,
     DEFAULT_CONFIGS,
@@ -209,6 +210,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--estimator", choices=["reparameterization", "local", "flipout"], default="local"
     )
     parser.add_argument(
+        "--posterior",
+        choices=tuple(FAMILIES),
+        default=None,
+        help="variational family of the weights (default meanfield; lowrank needs --rank)",
+    )
+    parser.add_argument(
+        "--rank", type=V.arg_positive_int, default=None, help="rank of --posterior lowrank"
+    )
+    parser.add_argument(
         "--likelihood", choices=["homoscedastic", "heteroscedastic"], default="homoscedastic"
     )
     parser.add_argument(
@@ -273,6 +283,10 @@ def main_from_args(args: argparse.Namespace) -> int:
     with _executor(args.workers) as pool:
         for dataset in datasets:
             config = config_for(dataset, **overrides)
+            try:  # a family option the layers refuse fails here, not in a worker process
+                build_model(dataset.X.shape[1], config)
+            except ValueError as exc:
+                raise CLIError(f"--posterior {config.posterior}: {exc}") from None
             entry = run_dataset(
                 dataset,
                 config,

@@ -92,6 +92,9 @@ class UCIConfig:
         noise_init: Initial noise standard deviation in standardised units (the learned
             homoscedastic noise; for the heteroscedastic model, via the bias of its scale output).
         estimator: Gradient estimator of the variational layers.
+        posterior: Variational family of both layers' weights (a name of
+            :data:`varlin.posteriors.FAMILIES`); the biases stay mean-field.
+        rank: Rank of the ``"lowrank"`` family (``None`` for the others).
         likelihood: ``"homoscedastic"`` (one learned noise scale) or ``"heteroscedastic"`` (the
             network outputs a mean and a raw scale per example).
         test_samples: Posterior samples ``S`` of the predictive mixture at evaluation.
@@ -111,6 +114,8 @@ class UCIConfig:
     prior_scale: float = 2.0
     noise_init: float = 0.5
     estimator: EstimatorName = "local"
+    posterior: str = "meanfield"
+    rank: int | None = None
     likelihood: LikelihoodName = "homoscedastic"
     test_samples: int = 200
     seed: int = 0
@@ -144,6 +149,8 @@ _OVERRIDES = (
     "prior_scale",
     "noise_init",
     "estimator",
+    "posterior",
+    "rank",
     "likelihood",
     "test_samples",
     "seed",
@@ -262,6 +269,8 @@ def build_model(in_features: int, config: UCIConfig) -> nn.Sequential:
             in_features,
             config.hidden,
             estimator=config.estimator,
+            posterior=config.posterior,  # type: ignore[arg-type]
+            rank=config.rank,
             init_scale=config.init_scale,
             make_weights_prior=prior,
             make_bias_prior=prior,
@@ -270,16 +279,19 @@ def build_model(in_features: int, config: UCIConfig) -> nn.Sequential:
             config.hidden,
             out,
             estimator=config.estimator,
+            posterior=config.posterior,  # type: ignore[arg-type]
+            rank=config.rank,
             init_scale=config.init_scale,
             make_weights_prior=prior,
             make_bias_prior=prior,
         ),
     ]
     if out == 2:
-        head = layers[1].b_posterior
+        # The bias mean as the family exposes it (its own factor, or a row of the family's).
+        head = layers[1].w_posterior.bias_loc_of(layers[1].b_posterior)
         assert head is not None
         with torch.no_grad():
-            head.loc[1] = inverse_softplus(torch.tensor(config.noise_init))
+            head[1] = inverse_softplus(torch.tensor(config.noise_init))
     return nn.Sequential(layers[0], nn.ReLU(), layers[1])
 
 
