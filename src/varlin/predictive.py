@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from . import _validation as V
+from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 
@@ -181,13 +182,21 @@ def _call(model: nn.Module, x: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _linear_head(module: nn.Module) -> bool:
+    # A convolution is a variational linear map too, but its output is not (N, out): Monte Carlo.
+    return isinstance(module, BayesianLinearBase) and not isinstance(module, BayesianConvBase)
+
+
 def _last_layer_split(model: nn.Module) -> tuple[nn.Module, BayesianLinearBase] | None:
-    """``(features, head)`` if the model's only variational layer is its last module."""
-    if isinstance(model, BayesianLinearBase):
+    """``(features, head)`` if the model's only variational layer is its last module, a linear
+    one."""
+    if _linear_head(model):
+        assert isinstance(model, BayesianLinearBase)
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if isinstance(head, BayesianLinearBase) and len(list(variational_layers(model))) == 1:
+        if _linear_head(head) and len(list(variational_layers(model))) == 1:
+            assert isinstance(head, BayesianLinearBase)
             return model[:-1], head
     return None
 
