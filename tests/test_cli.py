@@ -684,6 +684,25 @@ def test_semicolon_separated_file_is_named(tmp_path: Path, capsys: pytest.Captur
     assert "looks semicolon-separated" in line and "'x1;x2;y'" in line
 
 
+def test_model_file_written_before_priors_recorded_their_family_still_predicts(
+    tmp_path: Path, model_file: Path, reg_csv: Path
+):
+    """A model file without the priors' family records (``*_prior._extra_state``) loads."""
+
+    def strip(state: dict) -> None:
+        records = [k for k in state["model"] if k.endswith("_extra_state")]
+        assert records  # today's files carry them
+        for key in records:
+            del state["model"][key]
+
+    old = _edit_model_file(model_file, strip)
+    new, before = tmp_path / "new.csv", tmp_path / "old.csv"
+    args = [str(reg_csv), "--num-samples", "16", "--out"]
+    assert cli.main(["predict", str(model_file), *args, str(new)]) == 0
+    assert cli.main(["predict", str(old), *args, str(before)]) == 0
+    assert new.read_text() == before.read_text()
+
+
 # -- posterior families -------------------------------------------------------------------------
 def test_fit_and_predict_with_a_lowrank_posterior(tmp_path: Path, reg_csv: Path) -> None:
     model = tmp_path / "lr.pt"

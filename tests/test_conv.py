@@ -807,3 +807,34 @@ def test_predict_uses_monte_carlo_for_a_convolutional_head() -> None:
     assert pred.mean.shape == (3, C_OUT, 4, 4) and bool((pred.epistemic > 0).all())
     with pytest.raises(ValueError, match="method='closed_form' needs a model whose only"):
         varlin.predict(layer, x, likelihood=likelihood, method="closed_form")
+
+
+@pytest.mark.parametrize("estimator", NAMES)
+def test_predict_folds_samples_through_a_cnn(estimator: str) -> None:
+    """A CNN with pooling and flattening: predict folds the S samples into the batch (one
+    kernel per sample in every variational layer); each sample's output equals the model's
+    output under that sample, and the deterministic prefix runs once."""
+    body = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(
+        body,
+        _layer(estimator=estimator),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        varlin.VariationalLinear(C_OUT * 2 * 2, 3, estimator=estimator),
+    )
+    x = torch.randn(6, 1, 4, 4)
+    calls = []
+    body.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    pred = varlin.predict(model, x, likelihood=varlin.likelihoods.Categorical(), num_samples=32)
+    assert isinstance(pred, varlin.ClassificationPrediction)
+    assert calls == [6]  # the deterministic prefix ran once, on the 6 examples
+    assert pred.probs.shape == (6, 3) and pred.prob_samples.shape == (32, 6, 3)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(6))
+    assert bool((pred.mutual_information > 0).all())
+    # Samples differ from one another, and the posterior-mean model sits among them.
+    assert not torch.equal(pred.prob_samples[0], pred.prob_samples[1])
+    with varlin.deterministic(model):
+        mean_pred = varlin.predict(model, x, likelihood=varlin.likelihoods.Categorical(),
+                                   num_samples=4)  # fmt: skip
+    torch.testing.assert_close(mean_pred.prob_samples[0], mean_pred.prob_samples[3])

@@ -312,6 +312,120 @@ def test_half_precision_layer_kl_does_not_overflow() -> None:
     assert float(kl.detach()) == pytest.approx(reference, rel=1e-2)
 
 
+@pytest.mark.parametrize("prior", ["normal", "laplace", "scale_mixture"])
+def test_half_precision_kl_is_summed_in_float32_for_every_prior_family(prior: str) -> None:
+    """``layer.half()`` with a Laplace or scale-mixture prior: the KL (~3.5e5 here) is finite.
+
+    Every prior family follows the Normal's rule: float16 terms computed and summed in float32.
+    The reference is the float32 layer with the same noise (the scale mixture's KL is a Monte
+    Carlo estimate; both draw from one seed). Bound: float16 rounds each parameter to within
+    ``eps/2`` of its value; ``raw_scale`` (about -4.6) then moves ``log sigma`` by at most
+    ``2**-9`` per weight, about 5e-4 of its ~4-nat term, within ``eps`` (9.8e-4) relatively.
+    """
+    factory = getattr(priors, prior)()
+    layer = varlin.VariationalLinear(
+        300, 300, make_weights_prior=factory, make_bias_prior=factory,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert layer.generator is not None
+    layer.generator.manual_seed(2)
+    reference = float(layer.kl_divergence().detach())
+    layer.half()
+    layer.generator.manual_seed(2)
+    kl = layer.kl_divergence()
+    assert kl.dtype == torch.float32
+    assert math.isfinite(float(kl.detach())) and float(kl.detach()) > F16_MAX
+    assert float(kl.detach()) == pytest.approx(reference, rel=torch.finfo(torch.float16).eps)
+    kl.backward()  # the gradient reaches the float16 parameters
+    grad = layer.w_posterior.raw_scale.grad
+    assert grad is not None and grad.dtype == torch.float16 and bool(torch.isfinite(grad).all())
+
+
+# -- scales at their floor ---------------------------------------------------------------------
+
+#: Raw scales below softplus's underflow (about -104 in float32, -745 in float64).
+RAW_FLOOR_SCALES = (-1e4, -800.0, -200.0, -110.0)
+
+
+@pytest.mark.parametrize("prior", ["normal", "laplace", "scale_mixture"])
+@pytest.mark.parametrize("raw", RAW_FLOOR_SCALES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_posterior_scale_never_reaches_zero(
+    precision: str, estimator: str, raw: float, prior: str
+) -> None:
+    """softplus underflows to 0, the scale does not: it stops at the dtype's smallest normal
+    number, where the output and the KL (closed form or Monte Carlo) are finite, the Normal
+    prior's KL is the float64 closed form at that scale (the grid's error bound; written with
+    log-scales, as torch's squares the scale ratio to 0 there) and the gradients are finite.
+    (Not for the Laplace prior: torch's closed form against a Normal differentiates
+    ``exp(-(loc / scale)**2 / 2)`` into ``0 * inf`` once ``loc / scale`` overflows; its value
+    stays finite.)"""
+    param_dtype = PRECISIONS[precision][0]
+    factory = getattr(priors, prior)()
+    layer = varlin.LinearVariationalNormal(
+        IN, OUT, True, factory, factory, estimator=estimator, dtype=param_dtype,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.w_posterior.raw_scale.fill_(raw)
+    tiny = torch.finfo(param_dtype).tiny
+    assert float(layer.w_scale.detach().min()) >= tiny
+    with _precision(precision):
+        y, kl = layer(_inputs(1.0, param_dtype), kl_weight=1.0)
+    assert bool(torch.isfinite(y).all())
+    assert math.isfinite(float(kl.detach()))
+    if prior == "laplace":
+        return
+    if prior == "normal":
+        reference = magnitude = 0.0
+        for q in (layer.weight_posterior(), layer.bias_posterior()):
+            assert q is not None
+            loc, scale = q.loc.detach().double(), q.scale.detach().double()
+            reference += float((-scale.log() + (scale**2 + loc**2) / 2 - 0.5).sum())
+            magnitude += float((scale**2 + 1 + 2 * scale.log().abs() + loc**2).sum())
+        assert abs(float(kl.detach()) - reference) <= _kl_atol(param_dtype, magnitude)
+    (y.float().square().mean() + kl / 1000).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and bool(torch.isfinite(param.grad).all()), name
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+@pytest.mark.parametrize("raw", (*RAW_FLOOR_SCALES, -20.0, 0.0, 20.0))
+@pytest.mark.parametrize("likelihood", ["heteroscedastic", "learned-gaussian"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_noise_scale_at_its_floor_gives_no_nan(
+    precision: str, likelihood: str, raw: float, offset: float
+) -> None:
+    """``HeteroscedasticGaussian(min_scale=0)`` and a learned Gaussian noise with the raw scale
+    far below softplus's underflow: the noise scale stops at the square root of the dtype's
+    smallest normal number, so the log density and the ELBO are never NaN (finite at the mean;
+    finite or -inf away from it), and neither is the gradient where the loss is finite."""
+    dtype = _compute_dtype(precision)
+    target = torch.full((BATCH,), offset, dtype=dtype)
+    if likelihood == "heteroscedastic":
+        lik: varlin.likelihoods.Likelihood = varlin.likelihoods.HeteroscedasticGaussian(
+            min_scale=0.0
+        )
+        output = torch.zeros(BATCH, 2, dtype=dtype)
+        output[:, 1] = raw
+    else:
+        lik = Gaussian(1.0, learn_noise=True, dtype=dtype)
+        with torch.no_grad():
+            lik.raw_noise_scale.fill_(raw)  # type: ignore[operator]
+        output = torch.zeros(BATCH, 1, dtype=dtype)
+    output.requires_grad_(True)
+    with _precision(precision):
+        log_prob = lik(output).log_prob(target)
+        terms = varlin.ELBO(lik, 100).terms(output, target, torch.zeros((), dtype=dtype))
+    assert not bool(torch.isnan(log_prob).any()) and not math.isnan(float(terms.loss.detach()))
+    if offset == 0.0:
+        assert bool(torch.isfinite(log_prob).all())
+    if math.isfinite(float(terms.loss.detach())):
+        terms.loss.backward()
+        assert output.grad is not None and not bool(torch.isnan(output.grad).any())
+
+
 # -- non-finite input: reported when validating, free when not -------------------------------
 
 NON_FINITE = (math.nan, math.inf, -math.inf)

@@ -370,3 +370,228 @@ def test_batch_size_chunks_match_one_pass() -> None:
         direct = model(x)[:, 0].detach()
     torch.testing.assert_close(parts.mean, whole.mean, rtol=0, atol=0)
     torch.testing.assert_close(whole.mean, direct, rtol=1e-15, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# a 1-D x is one example, for every method
+
+
+def _reseeded(layer_or_model: nn.Module, seed: int) -> nn.Module:
+    for layer in varlin.variational_layers(layer_or_model):
+        assert layer.generator is not None
+        layer.generator.manual_seed(seed)
+    return layer_or_model
+
+
+@pytest.mark.parametrize("method", ["closed_form", "mc"])
+def test_one_dimensional_x_is_one_unbatched_example(method: str) -> None:
+    """As ``nn.Linear``: ``(in_features,)`` in, no example dimension out; ``batch_size`` alike."""
+    layer = varlin.VariationalLinear(3, 1, generator=_gen(30), dtype=F64)
+    x = torch.randn(3, generator=_gen(31), dtype=F64)
+    lik = Gaussian(0.5)
+    batched = _regression(varlin.predict(_reseeded(layer, 1), x[None], likelihood=lik,
+                                         method=method, num_samples=16))  # fmt: skip
+    for batch_size in (None, 2):
+        single = _regression(varlin.predict(_reseeded(layer, 1), x, likelihood=lik,
+                                            method=method, num_samples=16,
+                                            batch_size=batch_size))  # fmt: skip
+        assert single.mean.shape == single.epistemic.shape == single.aleatoric.shape == ()
+        assert torch.equal(single.mean, batched.mean[0])
+        assert torch.equal(single.variance, batched.variance[0])
+        if method == "mc":
+            assert single.sample_means is not None and single.sample_means.shape == (16,)
+        lower, upper = single.interval(0.9)
+        assert lower.shape == upper.shape == () and lower < single.mean < upper
+        target = torch.tensor(0.3, dtype=F64)
+        torch.testing.assert_close(single.log_prob(target), batched.log_prob(target[None])[0])
+
+
+def test_one_dimensional_x_classification_and_multi_output_are_unbatched() -> None:
+    model = nn.Sequential(varlin.VariationalLinear(3, 4, generator=_gen(32), dtype=F64),
+                          nn.Tanh(), varlin.VariationalLinear(4, 3, generator=_gen(33),
+                                                              dtype=F64))  # fmt: skip
+    x = torch.randn(3, generator=_gen(34), dtype=F64)
+    pred = _classification(varlin.predict(model, x, num_samples=8, likelihood=Categorical()))
+    assert pred.probs.shape == (3,) and pred.prob_samples.shape == (8, 3)
+    assert pred.entropy.shape == pred.mutual_information.shape == pred.classes.shape == ()
+    assert pred.log_prob(torch.tensor(1)).shape == ()
+    reg = _regression(varlin.predict(model, x, num_samples=8))  # 3 outputs, no likelihood
+    assert reg.mean.shape == (3,) and reg.sample_means is not None
+    assert reg.sample_means.shape == (8, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, ...\) .* got shape \(\)"):
+        varlin.predict(model, torch.tensor(1.0, dtype=F64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Monte Carlo through any module: CNN, BatchNorm, LSTM
+
+
+def _cnn() -> nn.Sequential:
+    """A small CNN on 1 x 8 x 8 images; ``to_variational(..., layers="last")`` gives the head."""
+    torch.manual_seed(40)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, dtype=F64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64, 8, dtype=F64), nn.ReLU(), nn.Linear(8, 1, dtype=F64),
+    )  # fmt: skip
+
+
+def _assert_matches_moments(mc: RegressionPrediction, mean: torch.Tensor, var: torch.Tensor,
+                            s: int, checks: int) -> None:  # fmt: skip
+    """The S i.i.d. outputs per example are N(mean, var) (a Gaussian head on fixed features):
+    the MC mean has SE sqrt(var/S), the population variance has mean (S-1)/S var and SD
+    var sqrt(2(S-1))/S. z for a 1e-6 family-wise failure rate over ``checks``."""
+    z = _z(1e-6, checks)
+    assert bool(((mc.mean - mean).abs() <= z * (var / s).sqrt()).all())
+    sd_var = var * math.sqrt(2 * (s - 1)) / s
+    assert bool(((mc.epistemic - var * (s - 1) / s).abs() <= z * sd_var).all())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_monte_carlo_through_a_cnn_with_a_variational_head(estimator: str) -> None:
+    """The issue's CNN: features by nn.Conv2d, a variational head. MC vs the exact closed form.
+
+    The features run once (N rows), not once per sample; S = 4,000; 2 x 8 checks.
+    """
+    model = varlin.to_variational(_cnn(), layers="last", estimator=estimator, init_scale=0.3)
+    x = torch.randn(8, 1, 8, 8, generator=_gen(41), dtype=F64)
+    rows_seen: list[int] = []
+    model[0].register_forward_hook(lambda m, a, out: rows_seen.append(out.shape[0]))
+    s = 4000
+    mc = _regression(varlin.predict(model, x, num_samples=s, method="mc"))
+    assert rows_seen == [8]  # the convolution ran once, on the 8 examples
+    assert mc.sample_means is not None and mc.sample_means.shape == (s, 8)
+    exact = _regression(varlin.predict(model, x, method="closed_form"))
+    _assert_matches_moments(mc, exact.mean, exact.epistemic, s, 16)
+    # the issue's sizes: 32 samples of 497 images
+    big = torch.randn(497, 1, 8, 8, generator=_gen(42), dtype=F64)
+    assert varlin.predict(model, big, num_samples=32, method="mc").mean.shape == (497,)
+
+
+def test_monte_carlo_through_a_cnn_with_two_variational_layers_equals_the_model() -> None:
+    model = varlin.to_variational(_cnn())  # both Linear layers variational, after the conv
+    x = torch.randn(6, 1, 8, 8, generator=_gen(43), dtype=F64)
+    pred = _regression(varlin.predict(model, x, num_samples=5))
+    assert pred.sample_means is not None and pred.sample_means.shape == (5, 6)
+    assert bool((pred.epistemic > 0).all())
+    with varlin.deterministic(model):  # no noise: every sample is the model's own output
+        mean = _regression(varlin.predict(model, x, num_samples=3)).mean
+        torch.testing.assert_close(mean, model(x)[:, 0], rtol=1e-13, atol=1e-13)
+
+
+def _batchnorm_mlp(estimator: str = "reparameterization") -> nn.Sequential:
+    """16 hidden units; BatchNorm with running statistics that are not the identity."""
+    torch.manual_seed(44)
+    model = nn.Sequential(
+        varlin.VariationalLinear(3, 16, estimator=estimator, generator=_gen(45), dtype=F64),
+        nn.BatchNorm1d(16, dtype=F64), nn.ReLU(),
+        varlin.VariationalLinear(16, 1, estimator=estimator, generator=_gen(46), dtype=F64),
+    )  # fmt: skip
+    for layer in varlin.variational_layers(model):
+        layer.w_posterior.reset_scale(0.2)
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(16, generator=_gen(47), dtype=F64))
+        bn.running_var.copy_(torch.rand(16, generator=_gen(48), dtype=F64) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.usefixtures("single_thread")
+def test_monte_carlo_through_a_batchnorm_mlp(estimator: str) -> None:
+    """Eval mode, 16 examples = 16 channels (once silently normalised per example, not channel).
+
+    No noise: every sample equals ``model(x)``. With noise: the batched estimate against a
+    second route, a loop of S plain calls; the two means differ by at most z times the SE of
+    a difference of two independent means (S = 4,000 each; z at 1e-6 over 16 examples).
+    """
+    model = _batchnorm_mlp(estimator).eval()
+    x = torch.randn(16, 3, generator=_gen(49), dtype=F64)
+    with varlin.deterministic(model):
+        mean = _regression(varlin.predict(model, x, num_samples=3)).mean
+        torch.testing.assert_close(mean, model(x)[:, 0], rtol=1e-13, atol=1e-13)
+    s = 4000
+    pred = _regression(varlin.predict(model, x, num_samples=s))
+    assert pred.sample_means is not None and pred.sample_means.shape == (s, 16)
+    with torch.no_grad():
+        loop = torch.stack([model(x)[:, 0] for _ in range(s)])
+    se = ((pred.epistemic + loop.var(0)) / s).sqrt()
+    assert bool(((pred.mean - loop.mean(0)).abs() <= _z(1e-6, 16) * se).all())
+
+
+def test_monte_carlo_through_a_batchnorm_mlp_in_training_mode_uses_the_batch() -> None:
+    """Training mode normalises with each call's batch statistics: S calls on the N rows.
+
+    So within every sample the normalised units average to 0 over the 16 examples (batch
+    statistics of 7 x 16 folded rows would average them to 0 only over all 112).
+    """
+    model = _batchnorm_mlp().train()
+    x = torch.randn(16, 3, generator=_gen(50), dtype=F64)
+    with varlin.deterministic(model):
+        mean = _regression(varlin.predict(model, x, num_samples=3)).mean
+        torch.testing.assert_close(mean, model(x)[:, 0], rtol=1e-13, atol=1e-13)
+    normalised: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, a, out: normalised.append(out))
+    pred = _regression(varlin.predict(model, x, num_samples=7))
+    assert pred.sample_means is not None and pred.sample_means.shape == (7, 16)
+    per_sample = torch.cat(normalised).reshape(7, 16, 16)  # (sample, example, unit)
+    torch.testing.assert_close(per_sample.mean(1), torch.zeros(7, 16, dtype=F64), atol=1e-12,
+                               rtol=0)  # fmt: skip
+
+
+class _LSTMRegressor(nn.Module):
+    """An LSTM feature extractor (the last step's hidden state) and a variational head."""
+
+    def __init__(self, batch_first: bool, estimator: str) -> None:
+        super().__init__()
+        torch.manual_seed(51)
+        self.batch_first = batch_first
+        self.lstm = nn.LSTM(2, 5, batch_first=batch_first, dtype=F64)
+        self.head = varlin.VariationalLinear(5, 1, estimator=estimator, generator=_gen(52),
+                                             dtype=F64)  # fmt: skip
+        self.head.w_posterior.reset_scale(0.3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(N, T, 2)``, examples first, whatever the LSTM's layout."""
+        out, _ = self.lstm(x if self.batch_first else x.transpose(0, 1))
+        return out[:, -1] if self.batch_first else out[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+@pytest.mark.usefixtures("single_thread")
+def test_monte_carlo_through_an_lstm_feature_extractor(batch_first: bool, estimator: str) -> None:
+    """MC vs the exact law of the head on the LSTM's features (S = 4,000; 2 x 6 checks).
+
+    ``batch_first=True``: samples folded into the batch; ``False``: a loop of S calls.
+    """
+    model = _LSTMRegressor(batch_first, estimator)
+    x = torch.randn(6, 7, 2, generator=_gen(53), dtype=F64)
+    s = 4000
+    mc = _regression(varlin.predict(model, x, num_samples=s))
+    assert mc.sample_means is not None and mc.sample_means.shape == (s, 6)
+    with torch.no_grad():
+        exact = model.head.output_moments(model.features(x))
+    _assert_matches_moments(mc, exact.loc[:, 0], exact.variance[:, 0], s, 12)
+
+
+def _raise_boom(*args: object) -> None:
+    raise _Boom("raised between two variational layers")
+
+
+def test_folded_prediction_removes_its_hooks_even_when_the_model_raises() -> None:
+    model = varlin.to_variational(_cnn())
+    x = torch.randn(4, 1, 8, 8, generator=_gen(54), dtype=F64)
+    relu = model[5].register_forward_hook(_raise_boom)
+    with pytest.raises(_Boom):
+        try:
+            varlin.predict(model, x, num_samples=4)
+        finally:
+            relu.remove()
+    for layer in varlin.variational_layers(model):
+        assert not layer._forward_hooks and not layer._forward_pre_hooks
+        assert layer._num_weight_samples is None
+    assert model(x).shape == (4, 1)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import mean_tolerance, z_bound
+from torch import nn
 from torch.distributions import (
     Categorical,
     Distribution,
@@ -69,7 +70,10 @@ def _layer(case: str, **kwargs: object) -> varlin.LinearVariationalNormal:
 
 
 def _prior_tensors(layer: varlin.LinearVariationalNormal) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in layer.state_dict().items() if "_prior." in k}
+    """The priors' distribution tensors in the state (not the family record, ``_extra_state``)."""
+    return {
+        k: v for k, v in layer.state_dict().items() if "_prior." in k and "_extra_state" not in k
+    }
 
 
 # -- buffers ---------------------------------------------------------------------------------
@@ -173,6 +177,168 @@ def test_default_prior_stores_scalars_not_weight_sized_tensors() -> None:
     assert torch.equal(prior.loc, torch.zeros(50, 40)) and torch.equal(
         prior.scale, torch.ones(50, 40)
     )
+
+
+# -- the prior's family in the state ----------------------------------------------------------
+
+
+def _normal_mixture(*shape: int) -> Distribution:
+    return MixtureSameFamily(
+        Categorical(probs=torch.tensor([0.3, 0.7])),
+        Normal(torch.tensor([-1.0, 1.0]), torch.tensor([0.5, 2.0])),
+    )
+
+
+def _full_size_normal_at(*shape: int) -> Distribution:
+    """A weight-sized Normal centred at fixed values (as ``prior_at_weights=True`` makes)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    return Normal(torch.randn(shape, generator=g), torch.full(shape, 0.3))
+
+
+#: One case per family and shape: (weight prior, bias prior).
+STATE_CASES = {
+    **FACTORY_CASES,
+    "normal-at-weights": (_full_size_normal_at, _full_size_normal_at),
+    "mixture-same-family": (_normal_mixture, _normal_mixture),
+}
+
+
+def _kl_with_seed(layer: varlin.LinearVariationalNormal, seed: int = 5) -> torch.Tensor:
+    assert layer.generator is not None
+    layer.generator.manual_seed(seed)
+    return layer.kl_divergence().detach()
+
+
+def _assert_same_prior(a: Distribution | None, b: Distribution | None) -> None:
+    assert a is not None and b is not None and type(a) is type(b)
+    assert a.batch_shape == b.batch_shape
+    value = torch.linspace(-2, 2, a.batch_shape.numel()).reshape(a.batch_shape)
+    assert torch.equal(a.log_prob(value), b.log_prob(value))
+
+
+@pytest.mark.parametrize("target", sorted(STATE_CASES))
+@pytest.mark.parametrize("source", sorted(STATE_CASES))
+def test_loading_restores_exactly_the_saved_prior_or_refuses(source: str, target: str) -> None:
+    """Every family and shape into every other: the saved prior exactly, or a one-line refusal.
+
+    A Laplace prior's ``loc``/``scale`` used to load silently into a Normal prior's buffers of
+    the same names, and a weight-sized prior into a scalar one failed with a raw size mismatch.
+    """
+    src = varlin.LinearVariationalNormal(
+        IN,
+        OUT,
+        True,
+        *STATE_CASES[source],
+        generator=torch.Generator(),  # type: ignore[arg-type]
+    )
+    dst = varlin.LinearVariationalNormal(
+        IN,
+        OUT,
+        True,
+        *STATE_CASES[target],
+        generator=torch.Generator(),  # type: ignore[arg-type]
+    )
+    w_same = type(src.weight_prior()) is type(dst.weight_prior())
+    b_same = type(src.bias_prior()) is type(dst.bias_prior())
+    if not (w_same and b_same):
+        which = "b_prior" if w_same else "w_prior"
+        with pytest.raises(RuntimeError) as info:
+            dst.load_state_dict(src.state_dict())
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"cannot load {which}: the state holds a ")
+        assert "prior, this module's is" in message
+        return
+    dst.load_state_dict(src.state_dict())
+    _assert_same_prior(src.weight_prior(), dst.weight_prior())
+    _assert_same_prior(src.bias_prior(), dst.bias_prior())
+    assert torch.equal(_kl_with_seed(src), _kl_with_seed(dst))
+
+
+def test_family_mismatch_names_both_priors() -> None:
+    laplace = varlin.LinearVariationalNormal(IN, OUT, True, priors.laplace(), priors.laplace())
+    normal = varlin.LinearVariationalNormal(IN, OUT)
+    expected = (
+        r"^cannot load w_prior: the state holds a Laplace\(loc, scale\) prior, this module's is "
+        r"Normal\(loc, scale\); "
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        normal.load_state_dict(laplace.state_dict())
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 1))
+    with pytest.raises(RuntimeError, match=r"^cannot load 0\.w_prior: the state holds a Laplace"):
+        varlin.to_variational(model).load_state_dict(
+            varlin.to_variational(model, prior=priors.laplace()).state_dict()
+        )
+
+
+def test_weight_sized_prior_loads_into_a_default_prior_model_and_back() -> None:
+    """MOPED with ``prior_at_weights=True`` and the default N(0, 1): either state, either model."""
+    net = nn.Sequential(nn.Linear(IN, 8), nn.ReLU(), nn.Linear(8, 2))
+    moped = varlin.to_variational(net, init_scale="moped", prior_at_weights=True)
+    plain = varlin.to_variational(net)
+    pairs = [
+        (moped, varlin.to_variational(net)),
+        (plain, varlin.to_variational(net, init_scale="moped", prior_at_weights=True)),
+    ]
+    for source, target in pairs:
+        target.load_state_dict(source.state_dict())
+        layers = [*varlin.variational_layers(source)], [*varlin.variational_layers(target)]
+        for a, b in zip(*layers, strict=True):
+            _assert_same_prior(a.weight_prior(), b.weight_prior())
+            _assert_same_prior(a.bias_prior(), b.bias_prior())
+            assert torch.equal(a.kl_divergence(), b.kl_divergence())
+        # what was loaded is what is saved again (a scalar prior may be held broadcast)
+        again = target.state_dict()
+        for key, value in source.state_dict().items():
+            assert torch.equal(*torch.broadcast_tensors(again[key], value)), key
+
+
+def test_saved_prior_tensors_of_a_wrong_shape_are_refused() -> None:
+    layer = varlin.LinearVariationalNormal(IN, OUT)
+    state = layer.state_dict()
+    state["w_prior.loc"] = torch.zeros(OUT + 1)
+    expected = (
+        r"^cannot load w_prior: the saved Normal\(loc, scale\) prior's tensors \(loc \(5,\)\) "
+        r"do not make a prior over shape \(3, 4\)$"
+    )
+    with pytest.raises(RuntimeError, match=expected):
+        varlin.LinearVariationalNormal(IN, OUT).load_state_dict(state)
+
+
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+def test_state_written_without_the_family_still_loads(case: str) -> None:
+    """A state from before the family was recorded (its ``_extra_state`` keys stripped)."""
+    src = varlin.LinearVariationalNormal(
+        IN,
+        OUT,
+        True,
+        *STATE_CASES[case],
+        generator=torch.Generator(),  # type: ignore[arg-type]
+    )
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("_extra_state")}
+    assert len(old) < len(src.state_dict())
+    dst = varlin.LinearVariationalNormal(
+        IN,
+        OUT,
+        True,
+        *STATE_CASES[case],
+        generator=torch.Generator(),  # type: ignore[arg-type]
+    )
+    dst.load_state_dict(old)  # strict: the missing family is not an error
+    _assert_same_prior(src.weight_prior(), dst.weight_prior())
+    assert torch.equal(_kl_with_seed(src), _kl_with_seed(dst))
+
+
+def test_family_record_follows_dtype_and_loads_across_dtypes() -> None:
+    layer = varlin.LinearVariationalNormal(IN, OUT, True, priors.laplace(), priors.laplace())
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.float32):
+        layer.to(dtype)
+        record = layer.state_dict()["w_prior._extra_state"]
+        assert record.dtype == dtype
+        assert bytes(int(c) for c in record.tolist()).decode() == layer.w_prior.family
+    fresh = varlin.LinearVariationalNormal(IN, OUT, True, priors.laplace(), priors.laplace())
+    fresh.load_state_dict(layer.double().state_dict())
+    assert fresh.w_prior.family == "torch.distributions.laplace.Laplace(loc, scale)"
 
 
 # -- validation ------------------------------------------------------------------------------

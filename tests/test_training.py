@@ -251,6 +251,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None
     ])  # fmt: skip
 
 
+def test_resume_from_a_checkpoint_without_prior_family_records(tmp_path: Path) -> None:
+    """A checkpoint written before priors recorded their family (``_extra_state``) resumes."""
+    model, likelihood = _small()
+    full = _fit(model, likelihood, lr_schedule="constant")
+    expected = _state(model, likelihood)
+    path = tmp_path / "run.pt"
+    model, likelihood = _small()
+    _fit(model, likelihood, lr_schedule="constant", epochs=3, checkpoint=path)
+    state = load_checkpoint(path)
+    records = [k for k in state["model"] if k.endswith("_extra_state")]
+    assert records  # today's checkpoints carry them
+    for key in records:
+        del state["model"][key]
+    save_checkpoint(path, state)
+    model, likelihood = _small()
+    resumed = _fit(model, likelihood, lr_schedule="constant", checkpoint=path)
+    _assert_equal_states(_state(model, likelihood), expected)
+    assert _records(resumed) == _records(full)
+
+
 class _InterruptAfter:
     """A forward hook raising KeyboardInterrupt on call number ``calls`` (Ctrl-C mid-epoch)."""
 

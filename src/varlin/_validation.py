@@ -197,15 +197,56 @@ def survives_cast(name: str, value: float, dtype: torch.dtype, *, positive: bool
     )
 
 
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    """A tensor held by a distribution (nested distributions searched too), or ``None``."""
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, torch.distributions.Distribution):
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _holds_every_real(distribution: Any) -> bool:
+    """Whether the distribution's support accepts every real number, judged by what it is.
+
+    The support is probed, not matched by class: a ``MixtureSameFamily`` of Normals, a
+    ``TransformedDistribution`` under an affine map or any user constraint qualifies when its
+    ``check`` holds at zero, at +-1, at +-the smallest normal number and at +-the largest
+    finite number of the distribution's dtype. A discrete or an event-shaped support does not.
+    """
+    support = getattr(distribution, "support", None)
+    if support is constraints.real:
+        return True
+    if not isinstance(support, constraints.Constraint):
+        return False
+    try:
+        if support.is_discrete or support.event_dim != 0:
+            return False
+        like = _first_tensor(distribution)
+        floating = like is not None and like.is_floating_point()
+        dtype = like.dtype if like is not None and floating else torch.get_default_dtype()
+        finfo = torch.finfo(dtype)
+        values = [0.0, 1.0, -1.0, finfo.tiny, -finfo.tiny, finfo.max, -finfo.max]
+        probe = torch.tensor(values, dtype=dtype, device=getattr(like, "device", None))
+        # One probe per row, broadcast against the constraint's own (batch-shaped) bounds.
+        batch_dims = len(getattr(distribution, "batch_shape", ()))
+        return bool(support.check(probe.reshape(-1, *[1] * batch_dims)).all())
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False  # a dependent or otherwise uncheckable support: not known to be real
+
+
 def real_support(name: str, distribution: Any) -> None:
     """Raise if an elementwise prior's support is not the whole real line.
 
     The posterior is a Normal, supported on all reals: against a prior on a smaller support
     (Gamma, Categorical, Uniform) the KL is infinite or undefined.
     """
-    support = getattr(distribution, "support", None)
-    if support is constraints.real or isinstance(support, type(constraints.real)):
+    if _holds_every_real(distribution):
         return
+    support = getattr(distribution, "support", None)
     raise ValueError(
         f"{name} must return a distribution supported on the real line (the posterior is a "
         f"Normal), got {type(distribution).__name__} with support {support}"

@@ -32,6 +32,7 @@ __all__ = [
     "flipout_linear",
     "flip_perturbation",
     "inverse_softplus",
+    "positive_scale",
     "ESTIMATORS",
     "conv",
     "mean_conv",
@@ -52,6 +53,22 @@ def inverse_softplus(y: Tensor) -> Tensor:
     .. math:: x = y + \log(-\operatorname{expm1}(-y)).
     """
     return y + torch.log(-torch.expm1(-y))
+
+
+def positive_scale(raw: Tensor) -> Tensor:
+    r"""A scale :math:`\sigma = \operatorname{softplus}(\rho)`, floored at the dtype's ``tiny``.
+
+    softplus underflows to 0 below :math:`\rho \approx -104` in float32 (-745 in float64, -17
+    in float16), where :math:`\log\sigma` and the KL would be infinite. The floor is the
+    smallest normal number of the dtype (1.2e-38 in float32). It is *added*, which costs nothing
+    in the backward and leaves every scale above ~1e-31 (float32) bit-identical; in float16 an
+    added 6.1e-5 would shift ordinary scales, so there it clamps.
+    """
+    scale = F.softplus(raw)
+    tiny = torch.finfo(scale.dtype).tiny
+    if scale.dtype == torch.float16:
+        return scale.clamp_min(tiny)
+    return scale.add_(tiny)  # in place: softplus's backward reads its input, not this output
 
 
 def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

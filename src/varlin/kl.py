@@ -17,13 +17,22 @@ KLs are always **summed** over the parameters, never averaged: the ELBO needs th
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
-__all__ = ["distribution_kl", "entropy_kl", "normal_kl", "normal_kl_sum", "has_closed_form"]
+__all__ = [
+    "distribution_kl",
+    "distribution_kl_sum",
+    "entropy_kl",
+    "normal_kl",
+    "normal_kl_sum",
+    "has_closed_form",
+]
 
 
 def has_closed_form(q: Distribution, p: Distribution) -> bool:
@@ -176,10 +185,14 @@ def distribution_kl(
         return torch.distributions.kl_divergence(q, p)
     except NotImplementedError:
         pass
-    if isinstance(q, Normal) and generator is not None:
+    if isinstance(q, Normal):
         eps = torch.randn(q.loc.shape, generator=generator, device=q.loc.device, dtype=q.loc.dtype)
         z = q.loc + q.scale * eps
-    elif q.has_rsample:
+        # log q(z) from the noise itself, the same value as q.log_prob(z) but exact where
+        # (z - loc) / scale rounds, or where scale**2 underflows (a scale at its floor).
+        log_q = -0.5 * eps.square() - torch.log(q.scale) - 0.5 * math.log(2 * math.pi)
+        return log_q - p.log_prob(z)
+    if q.has_rsample:
         z = q.rsample()
     else:
         raise NotImplementedError(
@@ -187,6 +200,35 @@ def distribution_kl(
             f"{type(q).__name__} has no rsample for a Monte Carlo estimate"
         )
     return q.log_prob(z) - p.log_prob(z)
+
+
+def _float16_to_float32(dist: Distribution) -> Distribution:
+    """A shallow copy of ``dist`` whose float16 tensors (nested ones too) are float32 copies."""
+    new = copy.copy(dist)
+    for key, value in vars(dist).items():
+        if isinstance(value, Tensor) and value.dtype == torch.float16:
+            new.__dict__[key] = value.float()
+        elif isinstance(value, Distribution):
+            new.__dict__[key] = _float16_to_float32(value)
+    return new
+
+
+def distribution_kl_sum(
+    q: Distribution,
+    p: Distribution,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r""":func:`distribution_kl` summed over every entry (0-dim), in float32 for float16 input.
+
+    The same rule as :func:`normal_kl_sum`, for every prior family: float16 tops out at 65504,
+    and a layer's KL is a sum of ~1 nat per weight (a 300 x 300 layer's is ~1e5), so with
+    float16 parameters the terms are computed and summed in float32 (gradients still reach the
+    float16 parameters). Other dtypes are summed in their own precision.
+    """
+    if any(t.dtype == torch.float16 for t in vars(q).values() if isinstance(t, Tensor)):
+        q, p = _float16_to_float32(q), _float16_to_float32(p)
+    return distribution_kl(q, p, generator=generator).sum()
 
 
 def entropy_kl(entropy: Tensor, samples: list[tuple[Tensor, Distribution]]) -> Tensor:

@@ -25,7 +25,7 @@ from . import _validation as V
 from . import functional
 from . import posteriors as _posteriors
 from . import priors as _priors
-from .kl import distribution_kl, entropy_kl, normal_kl_sum
+from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -237,9 +237,9 @@ class BayesianLinearBase(nn.Module):
             # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
             # closed-form backward.
             return normal_kl_sum(loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
-        return distribution_kl(
+        return distribution_kl_sum(
             Normal(loc, scale, validate_args=False), p(), generator=generator
-        ).sum()
+        )
 
     def kl_divergence(self) -> Tensor:
         r""":math:`KL(q(W, b)\,\|\,p(W)p(b))`, summed over all entries, unweighted (0-dim)."""

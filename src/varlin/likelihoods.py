@@ -60,6 +60,16 @@ def _squeeze_scalar(output: Tensor) -> Tensor:
     return output.squeeze(-1) if output.dim() >= 2 and output.shape[-1] == 1 else output
 
 
+def _noise_floor(scale: Tensor) -> Tensor:
+    """``scale`` kept at or above the square root of its dtype's smallest normal number.
+
+    A noise scale whose square underflows to 0 makes ``Normal.log_prob`` NaN (0 / 0 at the
+    mean): with the floor (1.1e-19 in float32) the log density is finite, or ``-inf`` for a
+    target the model deems impossible, never NaN.
+    """
+    return scale.clamp_min(torch.finfo(scale.dtype).tiny ** 0.5)
+
+
 def _per_example(log_prob: Tensor) -> Tensor:
     """Sum a log density over every dimension after the first (the examples), ``-> (N,)``."""
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1) if log_prob.dim() > 1 else log_prob
@@ -195,14 +205,17 @@ class Gaussian(Likelihood):
             V.check_finite("target", target)
         return target
 
+    def _scale_like(self, mean: Tensor) -> Tensor:
+        return _noise_floor(self.noise_scale.to(mean.dtype))
+
     def forward(self, output: Tensor) -> Normal:
         mean = _squeeze_scalar(output)
-        scale = self.noise_scale.to(mean.dtype)
+        scale = self._scale_like(mean)
         return Normal(mean, scale.expand(mean.shape), validate_args=False)
 
     def _log_prob(self, output: Tensor, target: Tensor) -> Tensor:
         mean = self._match(output, target)
-        scale = self.noise_scale.to(mean.dtype)
+        scale = self._scale_like(mean)
         return Normal(mean, scale.expand(mean.shape), validate_args=False).log_prob(target)
 
     def expected_log_prob(
@@ -220,7 +233,7 @@ class Gaussian(Likelihood):
         mean, var = output.mean, output.variance
         target = self.check_target(mean, target)
         mean, var = self._match(mean, target), self._match(var, target)
-        noise_var = self.noise_scale.to(mean.dtype) ** 2
+        noise_var = self._scale_like(mean) ** 2
         log_prob = Normal(mean, noise_var.sqrt(), validate_args=False).log_prob(target)
         return _per_example(log_prob - var / (2 * noise_var))
 
@@ -233,6 +246,9 @@ class HeteroscedasticGaussian(Likelihood):
 
     For targets of shape ``(N,)`` the output is ``(N, 2)``: column 0 the mean :math:`\mu`,
     column 1 :math:`\rho` with :math:`\sigma = \operatorname{softplus}(\rho) + \sigma_{\min}`.
+    Whatever ``min_scale``, :math:`\sigma` stays at or above the square root of the smallest
+    normal number of its dtype (1.1e-19 in float32), where softplus would underflow to 0: the
+    log density is then finite, or ``-inf`` for an impossible target, never NaN.
 
     Args:
         min_scale: a floor :math:`\sigma_{\min} \ge 0` on the noise scale, for stability.
@@ -249,7 +265,7 @@ class HeteroscedasticGaussian(Likelihood):
     def split(self, output: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, scale)``, each ``(*, N)``, from an output ``(*, N, 2)``."""
         _require_width(output, 2, "a HeteroscedasticGaussian likelihood (mean, raw scale)")
-        return output[..., 0], F.softplus(output[..., 1]) + self.min_scale
+        return output[..., 0], _noise_floor(F.softplus(output[..., 1]) + self.min_scale)
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:
         V.floating_tensor("target", target)

@@ -44,7 +44,6 @@ import math
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import (
     Distribution,
@@ -59,7 +58,7 @@ from . import functional
 from .distributions import MatrixNormal as _MatrixNormalDistribution
 from .distributions import Radial as _RadialDistribution
 from .distributions import radial_direction, radial_entropy_constant
-from .functional import inverse_softplus
+from .functional import inverse_softplus, positive_scale
 
 __all__ = [
     "Family",
@@ -278,8 +277,11 @@ class MeanFieldNormal(Family):
 
     @property
     def scale(self) -> Tensor:
-        """The standard deviation :math:`\\sigma = \\operatorname{softplus}(\\rho)`."""
-        return F.softplus(self.raw_scale)
+        """The standard deviation :math:`\\sigma = \\operatorname{softplus}(\\rho)`, never 0.
+
+        Floored at the dtype's smallest normal number (:func:`~varlin.functional.positive_scale`).
+        """
+        return positive_scale(self.raw_scale)
 
     def reset_scale(self, init_scale: float | None = None) -> None:
         """Set every scale to ``init_scale`` (default: the constructor's)."""
@@ -322,9 +324,9 @@ class MeanFieldNormal(Family):
         return None if bias is None else bias.loc
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _MeanFieldTensors:
-        b_scale = None if bias is None else F.softplus(bias.raw_scale)
+        b_scale = None if bias is None else positive_scale(bias.raw_scale)
         return _MeanFieldTensors(
-            self.loc, F.softplus(self.raw_scale), None if bias is None else bias.loc, b_scale
+            self.loc, positive_scale(self.raw_scale), None if bias is None else bias.loc, b_scale
         )
 
     def marginals(
@@ -679,7 +681,9 @@ class LowRankNormal(_Joint):
         self._no_bias_factor(bias)
         factor_variance = self.row_factor.square() @ self.col_factor.square().T
         floor = math.sqrt(torch.finfo(factor_variance.dtype).eps)
-        scale = torch.maximum(F.softplus(self.raw_scale).square(), floor * factor_variance).sqrt()
+        scale = torch.maximum(
+            positive_scale(self.raw_scale).square(), floor * factor_variance
+        ).sqrt()
         return _LowRankTensors(self.loc, scale, self.row_factor, self.col_factor, factor_variance)
 
     def _marginal_variance(self, t: _LowRankTensors) -> Tensor:
@@ -824,7 +828,7 @@ class FullNormal(_Joint):
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _FullTensors:
         self._no_bias_factor(bias)
-        diag = F.softplus(self.raw_scale).reshape(-1)
+        diag = positive_scale(self.raw_scale).reshape(-1)
         return _FullTensors(self.loc, torch.tril(self.offdiag, -1) + torch.diag(diag))
 
     def _marginal_variance(self, t: _FullTensors) -> Tensor:
@@ -966,8 +970,8 @@ class MatrixNormal(_Joint):
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _MatrixNormalTensors:
         self._no_bias_factor(bias)
-        row = F.softplus(self.row_raw_scale)
-        col = F.softplus(self.col_raw_scale)
+        row = positive_scale(self.row_raw_scale)
+        col = positive_scale(self.col_raw_scale)
         if self.row_offdiag is not None and self.col_offdiag is not None:
             row = torch.tril(self.row_offdiag, -1) + torch.diag(row)
             col = torch.tril(self.col_offdiag, -1) + torch.diag(col)
@@ -1075,7 +1079,7 @@ class Radial(_Joint):
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _RadialTensors:
         self._no_bias_factor(bias)
-        return _RadialTensors(self.loc, F.softplus(self.raw_scale))
+        return _RadialTensors(self.loc, positive_scale(self.raw_scale))
 
     def distribution(self, t: _RadialTensors) -> _RadialDistribution:
         """:class:`varlin.distributions.Radial` over the matrix ``[W; b]``."""

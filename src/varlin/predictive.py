@@ -1,9 +1,27 @@
 r"""Posterior predictive distributions, with uncertainty split into epistemic and aleatoric parts.
 
 The predictive :math:`p(y_*\mid x_*) = \int p(y_*\mid x_*,\theta)\,q(\theta)\,d\theta` is
-estimated with :math:`S` posterior samples drawn in **one** batched pass (see
-:func:`varlin.layers.weight_samples`), or computed exactly when the only variational layer is the
-last one (a Bayesian last layer with a Gaussian likelihood).
+estimated with :math:`S` posterior samples, or computed exactly when the only variational layer is
+the last one (a Bayesian last layer with a Gaussian likelihood).
+
+The :math:`S` samples go through any ``nn.Module`` holding variational layers, in the fastest
+way known to be exact for it, decided by the types of its leaf modules (a variational layer
+counts as a leaf):
+
+- **one batched pass**, inputs ``(S, N, ...)``: when every module is an ``nn.Sequential`` or a
+  leaf that maps every leading dimension alike (``nn.Linear``, elementwise activations,
+  ``nn.Dropout``, ``nn.LayerNorm``, ...): a plain MLP. Each slice gets its own weight sample
+  (:func:`varlin.layers.weight_samples`);
+- **samples folded into the batch**, inputs ``(S * N, ...)``: when every leaf treats the rows of
+  dimension 0 independently (also convolutions, pooling, ``nn.Flatten``, ``nn.BatchNorm*`` in
+  eval mode, recurrent layers with ``batch_first=True``, ...). Each variational layer splits its
+  input back into ``(S, N, ...)``, applies one weight sample per slice and folds the output
+  again. In an ``nn.Sequential`` the modules before the first variational one (a deterministic
+  feature extractor) run once, on the ``N`` rows. A module's own ``forward`` code must keep the
+  examples along dimension 0, as ``predict``'s input does;
+- **a loop of S calls** otherwise (an unknown leaf, ``nn.BatchNorm*`` in training mode, which
+  normalises with the statistics of the batch, a recurrent layer with ``batch_first=False``):
+  exact for any module, ``S`` times the work of one call.
 
 Regression, by the law of total variance over :math:`\theta`:
 
@@ -22,10 +40,12 @@ Classification, by the decomposition of the predictive entropy:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -182,6 +202,154 @@ def _call(model: nn.Module, x: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+# -- how S samples go through a model (see the module docstring) -------------------------------
+
+#: Leaves that map ``(*, ...)`` to ``(*, ...)`` for any leading dimensions, each alike.
+_LEADING_DIMS_LEAVES: tuple[type[nn.Module], ...] = (
+    BayesianLinearBase, nn.Linear, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.LayerNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold,
+)  # fmt: skip
+
+#: Further leaves that treat the rows of dimension 0 independently (whatever their input's
+#: number of dimensions): a folded batch of S * N rows gives each row what N rows would.
+_ROW_WISE_LEAVES: tuple[type[nn.Module], ...] = (
+    nn.Bilinear, nn.Embedding, nn.Flatten, nn.Unflatten,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout,
+    nn.GroupNorm, nn.LocalResponseNorm, nn.PReLU, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.Upsample,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+)  # fmt: skip
+
+
+#: Modules judged as a whole, not by their children: a variational layer (its priors are data)
+#: and attention, whose own forward mixes the sequence dimension.
+_WHOLE = (BayesianLinearBase, nn.MultiheadAttention)
+
+
+def _leaves(module: nn.Module) -> Iterator[nn.Module]:
+    """The leaf modules of ``module`` (a module of :data:`_WHOLE` counts as one)."""
+    children = list(module.children())
+    if isinstance(module, _WHOLE) or not children:
+        yield module
+        return
+    for child in children:
+        yield from _leaves(child)
+
+
+def _is_leading_dims(leaf: nn.Module) -> bool:
+    if isinstance(leaf, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return leaf.dim is not None and leaf.dim < 0
+    if isinstance(leaf, nn.Flatten):
+        return leaf.start_dim < 0 and leaf.end_dim < 0
+    return isinstance(leaf, _LEADING_DIMS_LEAVES)
+
+
+def _is_row_wise(leaf: nn.Module) -> bool:
+    if isinstance(leaf, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return leaf.dim is not None and leaf.dim != 0
+    if isinstance(leaf, nn.modules.batchnorm._BatchNorm):
+        # In eval mode with running statistics each row is normalised on its own; otherwise
+        # with the batch's statistics, which S * N rows would change.
+        return not leaf.training and leaf.running_mean is not None
+    if isinstance(leaf, nn.modules.instancenorm._InstanceNorm):
+        return True  # statistics per example and channel
+    if isinstance(leaf, (nn.RNNBase, nn.MultiheadAttention)):
+        return bool(leaf.batch_first)
+    return _is_leading_dims(leaf) or isinstance(leaf, _ROW_WISE_LEAVES)
+
+
+def _containers(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules of ``module`` that are not leaves (see :func:`_leaves`)."""
+    if isinstance(module, _WHOLE) or next(module.children(), None) is None:
+        return
+    yield module
+    for child in module.children():
+        yield from _containers(child)
+
+
+def _sampling_mode(model: nn.Module) -> Literal["leading", "fold", "loop"]:
+    """How ``S`` posterior samples go through ``model`` exactly (module docstring)."""
+    leaves = list(_leaves(model))
+    # A container's own forward code is known only for nn.Sequential: one of another class may
+    # index or reshape dimension 0 and 1, which an extra leading dimension would shift.
+    sequential = all(isinstance(m, nn.Sequential) for m in _containers(model))
+    if sequential and all(_is_leading_dims(leaf) for leaf in leaves):
+        return "leading"
+    if all(_is_row_wise(leaf) for leaf in leaves):
+        return "fold"
+    return "loop"
+
+
+def _split_prefix(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """An ``nn.Sequential``'s deterministic modules before its first variational one, the rest."""
+    if not isinstance(model, nn.Sequential):
+        return None, model
+    for i, module in enumerate(model):
+        if next(variational_layers(module), None) is not None:
+            return (model[:i] if i > 0 else None), model[i:]
+    return None, model
+
+
+@contextlib.contextmanager
+def _folded_layers(model: nn.Module, num_samples: int) -> Iterator[None]:
+    """Inside, each variational layer takes ``(S * N, ...)`` rows and returns them folded.
+
+    Hooks split the input into ``(S, N, ...)`` for :func:`~varlin.layers.weight_samples` (one
+    weight sample per slice) and fold the output back; removed on exit, whatever happens.
+    """
+
+    def split(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0] if args else kwargs["x"]
+        if x.dim() < 2 or x.shape[0] % num_samples:
+            raise ValueError(
+                f"predict folds {num_samples} samples into dimension 0, but a variational layer "
+                f"got an input of shape {tuple(x.shape)}; keep the examples along dimension 0"
+            )
+        x = x.reshape(num_samples, x.shape[0] // num_samples, *x.shape[1:])
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+
+    def fold(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (out[0].flatten(0, 1), *out[1:])
+        return out.flatten(0, 1)
+
+    handles = []
+    try:
+        for layer in variational_layers(model):
+            handles.append(layer.register_forward_pre_hook(split, with_kwargs=True))
+            handles.append(layer.register_forward_hook(fold))
+        with weight_samples(model, num_samples):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _sample_outputs(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
+    """The model's outputs under ``S`` independent posterior samples, ``(S, N, ...)``."""
+    mode = _sampling_mode(model)
+    if mode == "leading":
+        expanded = x.unsqueeze(0).expand(num_samples, *x.shape)  # stride 0: shared rows
+        with weight_samples(model, num_samples):
+            return _call(model, expanded)
+    if mode == "loop":
+        return torch.stack([_call(model, x) for _ in range(num_samples)])
+    prefix, rest = _split_prefix(model)
+    h = x if prefix is None else _call(prefix, x)  # a deterministic prefix runs once
+    folded = h.unsqueeze(0).expand(num_samples, *h.shape).flatten(0, 1)
+    with _folded_layers(model, num_samples):
+        out = _call(rest, folded)
+    return out.reshape(num_samples, out.shape[0] // num_samples, *out.shape[1:])
+
+
 def _linear_head(module: nn.Module) -> bool:
     # A convolution is a variational linear map too, but its output is not (N, out): Monte Carlo.
     return isinstance(module, BayesianLinearBase) and not isinstance(module, BayesianConvBase)
@@ -282,6 +450,27 @@ def _summarise(
     )
 
 
+def _unbatched(
+    pred: RegressionPrediction | ClassificationPrediction,
+) -> RegressionPrediction | ClassificationPrediction:
+    """The prediction for a batch of one example with the example dimension dropped."""
+    if isinstance(pred, RegressionPrediction):
+        return RegressionPrediction(
+            mean=pred.mean[0],
+            epistemic=pred.epistemic[0],
+            aleatoric=pred.aleatoric[0],
+            sample_means=None if pred.sample_means is None else pred.sample_means[:, 0],
+            sample_vars=None if pred.sample_vars is None else pred.sample_vars[:, 0],
+        )
+    return ClassificationPrediction(
+        probs=pred.probs[0],
+        entropy=pred.entropy[0],
+        aleatoric=pred.aleatoric[0],
+        mutual_information=pred.mutual_information[0],
+        prob_samples=pred.prob_samples[:, 0],
+    )
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -297,9 +486,13 @@ def predict(
     Args:
         model: a module with variational layers; its output is the likelihood's input. A model
             returning ``(y, kl)`` (the seed's layer) is accepted.
-        x: inputs ``(N, in_features)``.
-        num_samples: Monte Carlo posterior samples ``S`` (>= 1), drawn in one batched pass,
-            independent along ``S`` for every estimator.
+        x: inputs ``(N, ...)``, ``N`` examples along dimension 0 (``(N, in_features)`` for an
+            MLP). A 1-D ``x`` of shape ``(in_features,)`` is one example, as for ``nn.Linear``:
+            the prediction is then unbatched, for every method (``mean`` 0-dim for one output,
+            ``probs`` ``(C,)``, ``sample_means`` ``(S,)``).
+        num_samples: Monte Carlo posterior samples ``S`` (>= 1), independent along ``S`` for
+            every estimator; through any module, batched where that is exact (see the module
+            docstring for the rule), else in a loop of ``S`` calls.
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
             mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
             :class:`~varlin.likelihoods.Categorical` give a classification summary.
@@ -313,6 +506,8 @@ def predict(
     Returns:
         :class:`RegressionPrediction` or :class:`ClassificationPrediction`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_samples = V.positive_int("num_samples", num_samples)
     V.one_of("method", method, ("auto", "mc", "closed_form"))
     V.floating_tensor("x", x)
@@ -320,6 +515,13 @@ def predict(
         raise ValueError(
             f"x must have shape (N, ...) with N >= 1 examples, got shape {tuple(x.shape)}"
         )
+    if x.dim() == 1:  # one example, as nn.Linear reads a 1-D input: the prediction is unbatched
+        return _unbatched(
+            predict(
+                model, x.unsqueeze(0), num_samples=num_samples, likelihood=likelihood,
+                method=method, batch_size=batch_size,
+            )
+        )  # fmt: skip
     if likelihood is not None and not isinstance(likelihood, Likelihood):
         raise TypeError(
             f"likelihood must be a varlin Likelihood or None, got {V.describe(likelihood)}"
@@ -335,9 +537,5 @@ def predict(
     if method == "closed_form" or (method == "auto" and closed_ok):
         return _closed_form(model, x, likelihood)
     size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
-    outs = []
-    for chunk in x.split(max(size, 1)):
-        expanded = chunk.unsqueeze(0).expand(num_samples, *chunk.shape)
-        with weight_samples(model, num_samples):
-            outs.append(_call(model, expanded))
+    outs = [_sample_outputs(model, chunk, num_samples) for chunk in x.split(max(size, 1))]
     return _summarise(torch.cat(outs, dim=1), likelihood)

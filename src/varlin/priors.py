@@ -9,12 +9,22 @@ rebuilds the distribution from those buffers when called.
 Factories in this module (:func:`normal`, :func:`laplace`, :func:`scale_mixture`) make priors
 whose parameters are scalars broadcast over the weights: a default-prior layer stores two
 numbers, not two more weight-sized tensors.
+
+A prior is data, and its ``state_dict`` says which prior it is: beside the tensors it holds the
+family (the distribution's class, nested ones included, and its tensors' names) as the
+module's extra state. Loading restores exactly the saved prior when the family matches, its
+tensors' shapes included (a weight-sized prior loads into a layer built with a scalar one, and
+back), and refuses with one line naming the prior when it does not: a Laplace prior's ``loc``
+and ``scale`` never load silently into a Normal's. A state without the family (written before
+it was recorded) loads as before, into the layer's own family.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,6 +64,28 @@ def _strip(obj: Distribution) -> Distribution:
         elif isinstance(value, Distribution):
             new.__dict__[key] = _strip(value)
     return new
+
+
+def _class_tree(obj: Distribution) -> str:
+    """``module.Class`` of ``obj``, with the classes of nested distributions in brackets."""
+    nested = [_class_tree(v) for v in vars(obj).values() if isinstance(v, Distribution)]
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return f"{name}[{', '.join(nested)}]" if nested else name
+
+
+def _short(family: str) -> str:
+    """A family without module paths, for messages: ``Laplace(loc, scale)``."""
+    return re.sub(r"\b(?:\w+\.)+(?=\w)", "", family)
+
+
+def _decode_family(saved: Any) -> str:
+    """The family recorded in a state (see :meth:`Prior.get_extra_state`)."""
+    if isinstance(saved, Tensor) and saved.dim() == 1 and not saved.is_complex():
+        codes = saved.detach().cpu().double().tolist()
+        if all(c.is_integer() and 0 <= c < 256 for c in codes):
+            with contextlib.suppress(UnicodeDecodeError):
+                return bytes(int(c) for c in codes).decode()
+    return f"<unreadable: {type(saved).__name__}>"
 
 
 class ScaleMixtureNormal(Distribution):
@@ -183,21 +215,119 @@ class Prior(nn.Module):
                     "the layer's dtype and device"
                 )
 
-    def _rebuild(self, obj: Distribution, prefix: str) -> Distribution:
+    def _rebuild(
+        self, obj: Distribution, prefix: str, tensors: dict[str, Tensor | None]
+    ) -> Distribution:
         new = copy.copy(obj)
         for key, value in vars(obj).items():
             buffer_name = prefix + key.lstrip("_")
-            if value is None and buffer_name in self._buffers:
-                new.__dict__[key] = self._buffers[buffer_name]
+            if value is None and buffer_name in tensors:
+                new.__dict__[key] = tensors[buffer_name]
             elif isinstance(value, Distribution):
-                new.__dict__[key] = self._rebuild(value, prefix + key + _SEP)
+                new.__dict__[key] = self._rebuild(value, prefix + key + _SEP, tensors)
         return new
 
     def forward(self) -> Distribution:
-        dist = self._rebuild(self._template, "")
+        dist = self._rebuild(self._template, "", self._buffers)
         if tuple(dist.batch_shape) != self.shape:
             dist = dist.expand(self.shape)
         return dist
+
+    # -- state: the family travels with the tensors -----------------------------------------
+    @property
+    def family(self) -> str:
+        """The prior's family: its distribution classes (nested ones too) and tensor names.
+
+        For example ``torch.distributions.laplace.Laplace(loc, scale)``; two priors with the
+        same family differ only in their tensors' values and shapes.
+        """
+        return f"{_class_tree(self._template)}({', '.join(self._buffers)})"
+
+    def get_extra_state(self) -> Tensor:
+        # The family as its UTF-8 bytes in a tensor of the buffers' dtype and device (bytes
+        # are exact in every floating dtype): the state_dict stays all floating tensors that
+        # follow .to(), .double() and .half() like the rest, for code mapping .clone() or
+        # .to() over it, and torch.load(weights_only=True).
+        like = next((b for b in self._buffers.values() if b is not None), None)
+        floating = like is not None and like.is_floating_point()
+        return torch.tensor(
+            list(self.family.encode()),
+            dtype=like.dtype if like is not None and floating else torch.float32,
+            device=None if like is None else like.device,
+        )
+
+    def set_extra_state(self, state: Any) -> None:
+        # Checked (and the buffers' shapes adopted) in _load_from_state_dict, before any copy.
+        pass
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "_extra_state"
+        where = prefix.rstrip(".") or "prior"
+        saved = state_dict.get(key)
+        if saved is not None:
+            family = _decode_family(saved)
+            if family != self.family:
+                raise RuntimeError(
+                    f"cannot load {where}: the state holds a {_short(family)} prior, this "
+                    f"module's is {_short(self.family)}; build it with the saved prior to load "
+                    "this state"
+                )
+        adopted = self._adopt_shapes(state_dict, prefix, where)
+        if adopted:
+            state_dict = {**state_dict, **{prefix + k: v for k, v in adopted.items()}}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if saved is None and key in missing_keys:
+            missing_keys.remove(key)  # a state written before the family was recorded
+
+    def _adopt_shapes(
+        self, state_dict: dict[str, Any], prefix: str, where: str
+    ) -> dict[str, Tensor]:
+        """Resize buffers to hold the saved tensors whose shapes differ, so they load exactly.
+
+        A weight-sized prior (MOPED, ``prior_at_weights=True``) loads into a layer built with a
+        scalar prior and back: the buffer takes the broadcast of both shapes, which holds the
+        saved tensor exactly (a scalar is broadcast: the same prior, elementwise). Returns the
+        saved tensors so broadcast; refuses if they do not make a prior over ``shape``.
+        """
+        saved = {
+            name: state_dict[prefix + name]
+            for name, buffer in self._buffers.items()
+            if buffer is not None
+            and isinstance(state_dict.get(prefix + name), Tensor)
+            and state_dict[prefix + name].shape != buffer.shape
+        }
+        if not saved:
+            return {}
+        adopted: dict[str, Tensor] = {}
+        try:
+            for name, tensor in saved.items():
+                buffer = self._buffers[name]
+                assert buffer is not None
+                shape = torch.broadcast_shapes(tensor.shape, buffer.shape)
+                adopted[name] = tensor.to(buffer).expand(shape).clone()
+            dist = self._rebuild(self._template, "", {**self._buffers, **adopted})
+            if tuple(dist.batch_shape) != self.shape:
+                dist = dist.expand(self.shape)
+        except (RuntimeError, ValueError):
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in saved.items())
+            raise RuntimeError(
+                f"cannot load {where}: the saved {_short(self.family)} prior's tensors ({shapes}) "
+                f"do not make a prior over shape {self.shape}"
+            ) from None
+        for name, tensor in adopted.items():
+            self._buffers[name] = torch.empty_like(tensor)
+        return adopted
 
     def extra_repr(self) -> str:
         params = ", ".join(
