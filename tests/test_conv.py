@@ -496,11 +496,13 @@ def test_radial_has_no_closed_form_output_moments() -> None:
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize(("family", "estimator"), CASES)
 def test_every_family_and_estimator_samples_the_exact_moments(family: str, estimator: str) -> None:
-    r"""S = 20 000 independent draws (``weight_samples``) of 2 examples' 4 x 16 outputs vs the
-    dense route: per-output mean and variance, and for the correlated families the covariance
-    of channels 0 and 1 at every position (the local estimator samples a position's channels
-    jointly; reparameterization uses one kernel).
+    r"""S = 20 000 independent draws of 2 examples' 4 x 16 outputs vs the dense route:
+    per-output mean and variance, and for the correlated families the covariance of channels 0
+    and 1 at every position (the local estimator samples a position's channels jointly;
+    reparameterization uses one kernel).
 
+    The draws: for the local estimator, one call on a batch of S copies of each example (its
+    noise is independent across examples); for the others, S slices of ``weight_samples``.
     Float32 layers (see ``_slice_draws``), moments in float64. Tolerances: the mean of a
     quantity of known (for the second moments, estimated) spread; failure rate 1e-6 over
     128 + 128 + 32 checks. The radial outputs are not Gaussian; every tolerance comes from the
@@ -510,8 +512,14 @@ def test_every_family_and_estimator_samples_the_exact_moments(family: str, estim
     layer = _layer(family=family, estimator=estimator, groups=2 if family == "meanfield" else 1)
     _randomise(layer)
     x = torch.randn(2, C_IN, 4, 4)
-    with torch.no_grad(), weight_samples(layer, s):
-        y = _positions_last(layer(x.expand(s, *x.shape))).double()
+    with torch.no_grad():
+        if estimator == "local":
+            copies = x.unsqueeze(1).expand(2, s, *x.shape[1:]).reshape(2 * s, *x.shape[1:])
+            y = layer(copies).unflatten(0, (2, s)).transpose(0, 1)
+        else:
+            with weight_samples(layer, s):
+                y = layer(x.expand(s, *x.shape))
+    y = _positions_last(y).double()
     layer.double()
     mean, cov = _dense_moments(layer, x.double())
     checks = 2 * mean.numel() + mean[..., 0].numel()
@@ -525,6 +533,41 @@ def test_every_family_and_estimator_samples_the_exact_moments(family: str, estim
     assert ((cross.mean(0) - cov[..., 0, 1]).abs() <= tol).all()
     if family in CORRELATED:  # the check above must be able to fail: channels are correlated
         assert (cov[..., 0, 1].abs() > 2 * tol).any()
+
+
+@pytest.mark.parametrize("family", ["meanfield", "lowrank"])
+def test_weight_samples_give_a_local_layer_one_kernel_per_slice(family: str) -> None:
+    r"""Under ``weight_samples`` (prediction) each slice is one posterior sample of the kernel,
+    also for the local estimator, whose training noise is independent across positions: two
+    neighbouring positions of one example then have the posterior's correlation (dense route)
+    across S = 20 000 slices, within :math:`z\sqrt{3/S}` (rate 1e-6, Bonferroni over 4
+    channels); it is far from 0, the value of independent per-position noise."""
+    s = 20_000
+    layer = _layer(family=family, estimator="local")
+    _randomise(layer)
+    x = torch.rand(1, C_IN, 4, 4) + 0.5  # positive: neighbouring positions share much variance
+    with torch.no_grad(), weight_samples(layer, s):
+        y = _positions_last(layer(x.expand(s, *x.shape)))[:, 0].double()  # (S, 16, C_out)
+    layer.double()
+    first, second = 5, 6  # positions (1, 1) and (1, 2)
+    joint = torch.stack([y[:, first], y[:, second]], dim=-1)  # (S, C_out, 2)
+    corr = sample_correlation(joint[..., 0], joint[..., 1])
+    # Cross-position covariance of one channel from the dense route: both positions' rows.
+    _, cov_theta = layer.w_posterior.dense(layer._realise())
+    patches = TF.unfold(x.double(), K, padding=1).transpose(1, 2)[0]
+    fan_in = layer.in_features
+    expected = []
+    for o in range(C_OUT):
+        rows = torch.zeros(2, cov_theta.shape[0], dtype=F64)
+        for r, pos in enumerate((first, second)):
+            rows[r, o : fan_in * C_OUT : C_OUT] = patches[pos]
+            rows[r, fan_in * C_OUT + o] = 1.0
+        c = rows @ cov_theta @ rows.T
+        expected.append(c[0, 1] / torch.sqrt(c[0, 0] * c[1, 1]))
+    expected_corr = torch.stack(expected)
+    bound = correlation_tolerance(s, C_OUT, kurtosis_factor=3.0)
+    assert expected_corr.abs().min() > 3 * bound
+    assert (corr - expected_corr).abs().max() <= bound
 
 
 @pytest.mark.parametrize(("family", "estimator"), CASES)

@@ -30,8 +30,11 @@ Estimators, as far as the family allows:
 All three give every output (example, channel, position) the same mean and variance. They
 differ in how noise is shared: reparameterization and flipout use one kernel per example at all
 its positions, which correlates the positions as the posterior does; the local estimator draws
-every position independently, an approximation of the joint law of one example's outputs (its
-ELBO estimate is that of per-position independent kernels, see ``docs/explanation.md``).
+every position independently, which is right for each output but not for the joint law of an
+example's outputs: its training loss estimates a surrogate of the ELBO in which the positions'
+noise is independent (see ``docs/explanation.md``, "Convolutions"). For prediction
+(:func:`varlin.layers.weight_samples`, used by :func:`varlin.predict`) every slice must be one
+posterior sample, so there a local layer samples one kernel per slice.
 """
 
 from __future__ import annotations
@@ -315,17 +318,23 @@ class BayesianConvBase(BayesianLinearBase):
         family = self.w_posterior
         geometry = self._geometry()
         noise: dict[str, Any] = {"generator": self.generator, "num_weight_samples": samples}
+        estimator = self.estimator
+        if estimator == "local" and samples is not None:
+            # weight_samples promises each slice one posterior sample of the weights; local
+            # noise is right per output but independent across the positions of an example,
+            # so the slices of a prediction sample the kernel instead.
+            estimator = "reparameterization"
         if self._factorised:
             w_loc, w_std, b_loc, b_std = family.marginals(t)
-            estimate = functional.CONV_ESTIMATORS[self.estimator]
+            estimate = functional.CONV_ESTIMATORS[estimator]
             return estimate(
                 x, self.kernel(w_loc), self.kernel(w_std), b_loc, b_std, **geometry, **noise
             )
-        if self.estimator == "local":
-            return self._local_from_patches(x, t, samples)
+        if estimator == "local":
+            return self._local_from_patches(x, t)
         lead = () if samples is None else (samples,)
         w, b = family.rsample_weights(t, lead, self.generator)
-        if self.estimator == "flipout":
+        if estimator == "flipout":
             # W - M is exactly the deviation of the sampled weights (Sterbenz: W and M are
             # close), so the perturbation is the sample's, rounding included.
             w_loc, b_loc = family.weight_loc, family.bias_loc_of(self.b_posterior)
@@ -343,19 +352,10 @@ class BayesianConvBase(BayesianLinearBase):
         return functional.conv_patches(x, self.kernel_size, stride=self.stride,
                                        dilation=self.dilation)  # fmt: skip
 
-    def _local_from_patches(self, x: Tensor, t: Any, samples: int | None) -> Tensor:
+    def _local_from_patches(self, x: Tensor, t: Any) -> Tensor:
         # The family samples every patch's outputs from their joint law (groups == 1 here).
-        if samples is not None and x.stride(0) == 0:
-            patches = self._patches(x[0])
-            patches = patches.expand(samples, *patches.shape)
-        elif samples is not None:
-            patches = self._patches(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        else:
-            patches = self._patches(x)
-        y = self.w_posterior.sample_output(
-            patches, t, "local", generator=self.generator, num_weight_samples=samples
-        )
-        return y.movedim(-1, 1 if samples is None else 2)
+        y = self.w_posterior.sample_output(self._patches(x), t, "local", generator=self.generator)
+        return y.movedim(-1, 1)
 
     def output_moments(self, x: Tensor) -> Normal:
         r"""The exact marginal distribution of every output for a fixed input.
