@@ -881,3 +881,47 @@ def test_predict_folds_samples_through_a_cnn(estimator: str) -> None:
         mean_pred = varlin.predict(model, x, likelihood=varlin.likelihoods.Categorical(),
                                    num_samples=4)  # fmt: skip
     torch.testing.assert_close(mean_pred.prob_samples[0], mean_pred.prob_samples[3])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        {"stride": 1, "padding": 1, "dilation": 1, "groups": 1},
+        {"stride": (2, 1), "padding": (0, 2), "dilation": (1, 2), "groups": 2},
+        {"stride": 1, "padding": "valid", "dilation": 1, "groups": 1},
+    ],
+)
+def test_local_conv_lean_backward_equals_autograd(geometry: dict[str, Any], bias: bool) -> None:
+    """The local estimator's custom backward against autograd through the plain expression
+    (same noise), for the input, both means and both scales; with a zero input example, where
+    the variance is clamped (no bias) and its gradient must be 0, as clamp's."""
+    p = _posterior(geometry["groups"])
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+    if not bias:
+        leaves["b_loc"] = leaves["b_scale"] = None  # type: ignore[assignment]
+    x = torch.randn(3, C_IN, 6, 7, dtype=F64)
+    x[1] = 0.0
+    x.requires_grad_()
+    upstream = torch.randn_like(
+        functional.conv(x, p["w_loc"], **{k: geometry[k] for k in geometry})
+    )
+    y = functional.local_reparameterized_conv(
+        x, **leaves, **geometry, generator=torch.Generator().manual_seed(3)
+    )
+    grads = torch.autograd.grad(
+        (y * upstream).sum(), [x, *[v for v in leaves.values() if v is not None]]
+    )
+    # The plain expression, same noise (drawn first from the same seed).
+    eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    mean = functional.conv(x, leaves["w_loc"], leaves["b_loc"], **geometry)
+    b_var = None if leaves["b_scale"] is None else leaves["b_scale"] ** 2
+    var = functional.conv(x * x, leaves["w_scale"] ** 2, b_var, **geometry)
+    plain = mean + var.clamp_min(torch.finfo(F64).tiny).sqrt() * eps
+    torch.testing.assert_close(y, plain, rtol=1e-12, atol=1e-12)
+    expected = torch.autograd.grad(
+        (plain * upstream).sum(), [x, *[v for v in leaves.values() if v is not None]]
+    )
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert torch.isfinite(got).all()

@@ -669,6 +669,9 @@ def local_reparameterized_conv(
     geometry = _geometry(stride, padding, dilation, groups)
     rows, s, shared = _conv_rows(x, num_weight_samples)
     mean = conv(rows, w_loc, b_loc, **geometry)
+    if s is None and _lean_local(rows, w_scale, b_scale, padding):
+        eps = _normal(mean.shape, generator, mean)
+        return _LocalConv.apply(mean, rows, w_scale, b_scale, eps, geometry)
     var = _conv_variance(rows, w_scale, b_scale, geometry, mean.dtype)
     # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is 0 anyway.
     std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
@@ -676,6 +679,79 @@ def local_reparameterized_conv(
     shape = (s, *mean.shape) if shared else mean.shape
     eps = _normal(shape, generator, mean)
     return torch.addcmul(mean, std, eps)
+
+
+def _lean_local(x: Tensor, w_scale: Tensor, b_scale: Tensor | None, padding: Any) -> bool:
+    """Whether :class:`_LocalConv` applies: gradients flow, no autocast or tracing, and a
+    batched input and a padding that ``convolution_backward`` takes (numbers or ``"valid"``)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not (
+        w_scale.requires_grad or x.requires_grad or (b_scale is not None and b_scale.requires_grad)
+    ):
+        return False
+    if x.device.type == "meta" or torch.is_autocast_enabled(x.device.type):
+        return False
+    batched = x.dim() == w_scale.dim()
+    return batched and (not isinstance(padding, str) or padding == "valid")
+
+
+class _LocalConv(torch.autograd.Function):
+    r"""``mean + sqrt(x^2 * w_scale^2 + b_scale^2) * eps`` (``*``: the convolution) with a
+    lean backward.
+
+    Forward: ``x * x``, one convolution, the clamp at ``tiny`` and the square root in place, one
+    ``addcmul``. Backward, with :math:`g = 2\,\partial L/\partial v = \text{grad}\,\epsilon /
+    \text{std}` (0 where the clamp was active, as clamp's backward): the gradient of
+    :math:`\sigma_W` is the convolution's weight gradient of ``x^2`` and ``g`` times
+    :math:`\sigma_W`; ``grad`` passes to ``mean`` uncopied. Autograd through the plain ops takes
+    about twice the passes over the output.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        mean: Tensor,
+        x: Tensor,
+        w_scale: Tensor,
+        b_scale: Tensor | None,
+        eps: Tensor,
+        geometry: dict[str, Any],
+    ) -> Tensor:
+        x2 = x * x
+        b_var = None if b_scale is None else b_scale * b_scale
+        s2 = w_scale * w_scale
+        std = conv(x2, s2, b_var, **geometry)
+        std.clamp_min_(torch.finfo(std.dtype).tiny).sqrt_()
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x2, w_scale, s2,
+                              b_scale, std, eps)  # fmt: skip
+        ctx.geometry = geometry
+        return torch.addcmul(mean, std, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, x2, w_scale, s2, b_scale, std, eps = ctx.saved_tensors
+        g = torch.mul(grad, eps).div_(std)
+        # Where the variance was clamped (std == sqrt(tiny)), clamp's gradient is 0.
+        g.masked_fill_(std <= math.sqrt(torch.finfo(std.dtype).tiny), 0)
+        geometry = ctx.geometry
+        d = s2.dim() - 2
+        stride, dilation = _expand(geometry["stride"], d), _expand(geometry["dilation"], d)
+        padding = _expand(0 if geometry["padding"] == "valid" else geometry["padding"], d)
+        mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], False]
+        grad_in, grad_s2, _ = torch.ops.aten.convolution_backward(
+            g, x2, s2, None, stride, padding, dilation, False, [0] * d, geometry["groups"], mask
+        )
+        grad_x = None if grad_in is None or x is None else grad_in.mul_(x)
+        grad_w = None if grad_s2 is None else grad_s2.mul_(w_scale)
+        grad_b = None
+        if b_scale is not None and ctx.needs_input_grad[3]:
+            grad_b = g.sum([i for i in range(g.dim()) if i != 1]).mul_(b_scale)
+        return grad, grad_x, grad_w, grad_b, None, None
+
+
+def _expand(value: Any, dims: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * dims
 
 
 def flipout_conv(
