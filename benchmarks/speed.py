@@ -14,7 +14,11 @@ Measured, for each size ``in_features = out_features = D`` and batch ``B``:
   deterministic (posterior-mean) mode as an extra row;
 - **memory**: bytes of parameters, buffers and Adam state after one step;
 - **Monte Carlo prediction** (smallest size): 32 samples in one batched call
-  (``varlin.layers.weight_samples``) against 32 separate forward calls.
+  (``varlin.layers.weight_samples``) against 32 separate forward calls;
+- **posterior families** (issue 11): train-step rows for the low-rank (rank 1, 4, 16),
+  matrix-normal (diagonal and full factors) and radial families, as ratios to the mean-field
+  layer's step with the same estimator, and their memory; the full-covariance family, which
+  refuses square layers of these sizes, on a 256×8 layer of its own (``--full-size``).
 
 Each peer is trained the way its documentation shows: bayesian-torch layers return
 ``(out, kl)`` and that KL is used; blitz's ``BayesianLinear`` records
@@ -83,6 +87,16 @@ TARGETS: dict[str, dict[tuple[str, str], dict[int | None, float]]] = {
         ("train", "varlin.reparameterization"): {256: 2.0, 1024: 2.0, 4096: 1.15},
     },
 }
+# Targets of issue 11 (posterior families): ratios to the mean-field step, same estimator.
+TARGETS["cpu"].update(
+    {
+        ("train", "varlin.lowrank-1"): {1024: 1.05},
+        ("train", "varlin.lowrank-4"): {1024: 1.2},
+        ("train", "varlin.lowrank-16"): {1024: 1.8},
+        ("train", "varlin.matrix_normal-diagonal"): {1024: 1.3},
+        ("train", "varlin.radial"): {1024: 1.1},
+    }
+)
 MEMORY_TARGET = 2.0  # varlin (default prior): (parameters + buffers) / nn.Linear parameters
 MC_TARGET = 2.0  # speed-up of one batched 32-sample call over 32 separate calls
 
@@ -186,6 +200,44 @@ def _varlin_impls() -> list[Impl]:
             baseline="nn.Linear [Adam fused]",
         )
     )
+    return impls
+
+
+#: (row key, layer options, estimator): the posterior-family train-step rows, each timed against
+#: the mean-field layer with the same estimator ("varlin.<estimator>").
+FAMILY_ROWS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("varlin.lowrank-1", {"posterior": "lowrank", "rank": 1}, "reparameterization"),
+    ("varlin.lowrank-4", {"posterior": "lowrank", "rank": 4}, "reparameterization"),
+    ("varlin.lowrank-16", {"posterior": "lowrank", "rank": 16}, "reparameterization"),
+    ("varlin.lowrank-4 [local]", {"posterior": "lowrank", "rank": 4}, "local"),
+    ("varlin.matrix_normal-diagonal", {"posterior": "matrix_normal", "factors": "diagonal"},
+     "reparameterization"),
+    ("varlin.matrix_normal-full", {"posterior": "matrix_normal"}, "local"),
+    ("varlin.radial", {"posterior": "radial"}, "reparameterization"),
+    ("varlin.radial [flipout]", {"posterior": "radial"}, "flipout"),
+)  # fmt: skip
+FULL_SIZE = (256, 8, 128)  # in, out, batch of the full-covariance row
+
+
+def _family_impls() -> list[Impl]:
+    impls = []
+    for key, options, estimator in FAMILY_ROWS:
+
+        def build(
+            d_in: int,
+            d_out: int,
+            device: torch.device,
+            options: dict[str, Any] = options,
+            estimator: str = estimator,
+        ) -> nn.Module:
+            return varlin.LinearVariationalNormal(
+                d_in, d_out, estimator=estimator, device=device, **options
+            )
+
+        def train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+            return m(x, kl_weight=1.0 / NUM_DATA)
+
+        impls.append(Impl(key, build, train, None, baseline=f"varlin.{estimator}"))
     return impls
 
 
@@ -416,8 +468,12 @@ def run_size(
             # The optimizer's share of the step (grads stay set between steps).
             train_calls[ADAM_REFERENCES[impl.key]] = opt.step
             baselines[ADAM_REFERENCES[impl.key]] = "nn.Linear"
-        if not impl.adam and impl.key not in ("varlin.local", "varlin.flipout"):
-            # varlin's memory does not depend on the estimator: one row for the three.
+        if (
+            not impl.adam
+            and impl.key not in ("varlin.local", "varlin.flipout")
+            and not (impl.key.endswith("]") and impl.key.startswith("varlin."))
+        ):
+            # varlin's memory does not depend on the estimator: one row per family.
             memory[impl.key] = _memory(model, opt)
     repeat = _calibrate(train_calls["nn.Linear"], timer, min_seconds)
     no_ctx = {k: (lambda: None) for k in train_calls}
@@ -469,6 +525,60 @@ def run_size(
         "memory": memory,
         "repeat": repeat,
     }
+
+
+def run_full(
+    d_in: int, d_out: int, batch: int, device: torch.device, *, rounds: int, min_seconds: float
+) -> dict[str, Any]:
+    """The full-covariance family on a small layer (its ``D^2`` parameters refuse big ones):
+    train steps of nn.Linear, the mean-field layer and the full one, same shape, interleaved."""
+    timer = Timer(device)
+    x = torch.randn(batch, d_in, device=device)
+    target = torch.randn(batch, d_out, device=device)
+    builds: dict[str, Callable[[], nn.Module]] = {
+        "nn.Linear": lambda: nn.Linear(d_in, d_out, device=device),
+        "varlin.reparameterization": lambda: varlin.LinearVariationalNormal(
+            d_in, d_out, device=device
+        ),
+        "varlin.full": lambda: varlin.LinearVariationalNormal(
+            d_in, d_out, posterior="full", device=device
+        ),
+        "varlin.local": lambda: varlin.LinearVariationalNormal(
+            d_in, d_out, estimator="local", device=device
+        ),
+        "varlin.full [local]": lambda: varlin.LinearVariationalNormal(
+            d_in, d_out, posterior="full", estimator="local", device=device
+        ),
+    }
+    calls, memory = {}, {}
+    for key, build in builds.items():
+        model = build()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        forward = (
+            (lambda m, v: (m(v), None))
+            if key == "nn.Linear"
+            else (lambda m, v: m(v, kl_weight=1.0 / NUM_DATA))
+        )
+        impl = Impl(key, lambda *a, model=model: model, forward, None)
+        calls[key] = _train_step(impl, model, opt, x, target)
+        for _ in range(3):
+            calls[key]()
+        memory[key] = _memory(model, opt)
+    baselines = {
+        "nn.Linear": "nn.Linear",
+        "varlin.reparameterization": "nn.Linear",
+        "varlin.full": "varlin.reparameterization",
+        "varlin.local": "nn.Linear",
+        "varlin.full [local]": "varlin.local",
+    }
+    repeat = _calibrate(calls["nn.Linear"], timer, min_seconds)
+    timed = _interleave(calls, {k: (lambda: None) for k in calls}, baselines, timer, rounds, repeat)
+    base = memory["nn.Linear"]["parameters"]
+    for entry in memory.values():
+        entry["total"] = entry["parameters"] + entry["buffers"] + entry["optimizer_state"]
+        entry["params_buffers_ratio"] = (entry["parameters"] + entry["buffers"]) / base
+    return {"in_features": d_in, "out_features": d_out, "batch": batch, "train": timed,
+            "memory": memory}  # fmt: skip
 
 
 def run_mc(
@@ -652,7 +762,25 @@ def _fmt_memory(sizes: list[dict[str, Any]]) -> list[str]:
                 else f"{e['params_buffers_ratio']:.3f}× ; {e['total'] / 2**20:.2f} MiB"
             )
         label = "varlin (any estimator)" if key == "varlin.reparameterization" else key
+        if key.startswith("varlin.") and key != "varlin.reparameterization":
+            label += " (any estimator)"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fmt_full(full: dict[str, Any]) -> list[str]:
+    shape = f"{full['in_features']}×{full['out_features']}, batch {full['batch']}"
+    lines = [
+        f"| full covariance, {shape} | train: median ms | ratio | vs | (params + buffers) / "
+        "nn.Linear params; total MiB |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for key, e in full["train"].items():
+        m = full["memory"][key]
+        lines.append(
+            f"| {key} | {e['median_ms']:.3f} | {e['ratio']:.2f}× | {e['baseline']} | "
+            f"{m['params_buffers_ratio']:.1f}× ; {m['total'] / 2**20:.2f} MiB |"
+        )
     return lines
 
 
@@ -714,6 +842,17 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += _fmt_memory(sizes) + [""]
+    if any(k.startswith("varlin.lowrank") for s in sizes for k in s["train"]):
+        lines += [
+            "Posterior families (issue 11): the rows `varlin.lowrank-k`, "
+            "`varlin.matrix_normal-*` and `varlin.radial` are ratios to the mean-field layer's "
+            "step with the same estimator (`vs varlin.<estimator>`), measured in the same "
+            "rounds; their memory rows count each family's parameters and Adam state.",
+            "",
+        ]
+    full = results.get("full_covariance")
+    if full:
+        lines += _fmt_full(full) + [""]
     mc = results.get("mc_prediction")
     if mc:
         lines += [
@@ -731,7 +870,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     targets = evaluate_targets(results)  # from the measurements, also for older JSON files
     if targets:
-        lines += ["| target (issue 6) | measured | bound | |", "|---|---:|---|---|"]
+        lines += ["| target (issues 6, 11) | measured | bound | |", "|---|---:|---|---|"]
         for row in targets:
             verdict = "met" if row["met"] else f"**missed** by {row['by']:.2f}"
             lines.append(f"| {row['target']} | {row['value']:.3f} | {row['bound']} | {verdict} |")
@@ -765,6 +904,21 @@ _REASONS = {
         "softplus of the scale and forming the sampled weight"
     ),
     ("inference", "varlin.deterministic"): "the posterior mean is `x @ loc + b` (bit-identical)",
+    ("train", "varlin.lowrank-1"): (
+        "the factors' weight noise costs two narrow products, but the KL's log-determinant "
+        "needs the k x k matrix V^T diag(sigma^-2) V: one pass over in×out for sigma^-2 and, "
+        "backward, one in×out product and two passes for its gradient, plus the diagonal's "
+        "floor (one fused addr) and the split of the augmented [W; b] (one concatenation per "
+        "tensor backward); about 4-6 weight-sized passes on top of the mean-field step's ~25"
+    ),
+    ("train", "varlin.lowrank-4"): (
+        "as rank 1, with the log-determinant's in×out products k(k+1)/2 = 10 columns wide"
+    ),
+    ("train", "varlin.radial"): (
+        "the mean-field step plus the direction's norm (a reduction over in×out normals and "
+        "an in-place rescale), the marginal scales sigma / sqrt(D) for the KL (one pass each "
+        "way) and the split of [W; b]"
+    ),
     ("mc", "varlin.reparameterization"): (
         "32 independent weight samples need 32×in×out normals whether drawn in one call or in "
         "32; batching saves the per-call overhead and 31 softplus passes, not the random "
@@ -925,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warmup = 3
 
     notes: list[str] = []
-    impls = _linear_impls() + _varlin_impls()
+    impls = _linear_impls() + _varlin_impls() + _family_impls()
     if not args.no_peers:
         impls += _peer_impls(notes)
     for note in notes:
@@ -955,6 +1109,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 notes=notes,
             )
         )
+    full_in, full_out, full_batch = (16, 2, 4) if args.quick else FULL_SIZE
+    print(f"full covariance at {full_in}x{full_out} ...", file=sys.stderr, flush=True)
+    results["full_covariance"] = run_full(
+        full_in, full_out, full_batch, device, rounds=rounds, min_seconds=min_seconds
+    )
     d0, b0 = min(sizes)
     print(f"MC prediction at {d0}x{d0}, batch {b0} ...", file=sys.stderr, flush=True)
     results["mc_prediction"] = run_mc(d0, b0, device, rounds=rounds, min_seconds=min_seconds)

@@ -70,3 +70,35 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     assert all({"target", "value", "bound", "met"} <= set(row) for row in data["targets"])
     table = (tmp_path / "speed.md").read_text()
     assert "nn.Linear" in table and data["command"] in table
+
+
+def test_quick_run_has_the_posterior_family_rows(tmp_path: Path) -> None:
+    """Issue 11's rows: every family's train step against the mean-field step with the same
+    estimator, a memory row per family, and the full-covariance layer on a shape of its own."""
+    speed = _load_speed()
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--quick", "--sizes", "16:4", "--rounds", "1", "--no-peers", "--out",
+                    str(tmp_path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "speed.json").read_text())
+    (size,) = data["sizes"]
+    for key, _options, estimator in speed.FAMILY_ROWS:
+        entry = size["train"][key]
+        assert entry["baseline"] == f"varlin.{estimator}" and _positive(entry["ratio"])
+        if not key.endswith("]"):
+            assert _positive(size["memory"][key]["params_buffers_ratio"]), key
+    memory = size["memory"]
+    # low rank k: (in + 1 + out) k more parameters than mean-field; matrix-normal diagonal
+    # factors: one loc plus (in + 1) + out scales
+    extra = (
+        memory["varlin.lowrank-4"]["parameters"] - memory["varlin.reparameterization"]["parameters"]
+    )
+    assert extra == (16 + 1 + 16) * 4 * 4
+    assert memory["varlin.matrix_normal-diagonal"]["parameters"] == (17 * 16 + 17 + 16) * 4
+    full = data["full_covariance"]
+    assert {"varlin.full", "varlin.full [local]"} <= set(full["train"])
+    d = (full["in_features"] + 1) * full["out_features"]
+    assert full["memory"]["varlin.full"]["parameters"] == (2 * d + d * d) * 4
+    assert "full covariance" in (tmp_path / "speed.md").read_text()

@@ -247,17 +247,26 @@ class BayesianLinearBase(nn.Module):
 
     def _kl_divergence(self, t: Any) -> Tensor:
         family = self.w_posterior
+        priors = [self.w_prior] + ([] if self.b_prior is None else [self.b_prior])
+        if all(p.distribution_type is Normal for p in priors):
+            # Normal priors: per-weight Normal KLs on the fused fast path, plus what the family
+            # computes in closed form (nothing for mean-field; see Family.normal_kl_split).
+            w_loc, w_ref, b_loc, b_ref = family.normal_kl_split(t)
+            kl = self._kl_sum(w_loc, w_ref, self.w_prior, self.generator)
+            b_scale = None
+            if b_loc is not None and b_ref is not None and self.b_prior is not None:
+                kl = kl + self._kl_sum(b_loc, b_ref, self.b_prior, self.generator)
+                b_scale = self.b_prior.get_buffer("scale")
+            rest = family.normal_kl_rest(t, self.w_prior.get_buffer("scale"), b_scale)
+            return kl if rest is None else kl + rest
         w_loc, w_std, b_loc, b_std = family.marginals(t)
-        priors = [(w_loc, w_std, self.w_prior)]
-        if b_loc is not None and b_std is not None and self.b_prior is not None:
-            priors.append((b_loc, b_std, self.b_prior))
-        if family.gaussian or all(p.distribution_type is Normal for _, _, p in priors):
+        if family.gaussian:
             # KL(q || prod_i p_i) = sum_i KL(q_i || p_i) + total correlation (see posteriors):
             # the marginals' KLs through the same path as the mean-field family's, plus one
             # closed-form term from the family.
             kl = self._kl_sum(w_loc, w_std, self.w_prior, self.generator)
-            for loc, std, prior in priors[1:]:
-                kl = kl + self._kl_sum(loc, std, prior, self.generator)
+            if b_loc is not None and b_std is not None and self.b_prior is not None:
+                kl = kl + self._kl_sum(b_loc, b_std, self.b_prior, self.generator)
             gap = family.entropy_gap(t)
             return kl if gap is None else kl + gap
         w, b = family.rsample_weights(t, (), self.generator)

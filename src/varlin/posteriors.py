@@ -163,6 +163,22 @@ class Family(nn.Module):
         """
         raise NotImplementedError
 
+    def normal_kl_split(self, t: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        r"""``(w_loc, w_ref, b_loc, b_ref)`` such that, against a Normal prior
+        :math:`\mathcal N(m, \operatorname{diag} s^2)`,
+        :math:`KL(q\|p) = \sum_i KL(\mathcal N(\mu_i, r_i^2)\|\mathcal N(m_i, s_i^2))` +
+        :meth:`normal_kl_rest`. By default the marginals (and the rest is the entropy gap); a
+        family whose covariance has a diagonal part may name that part instead and put the rest
+        in closed form (the low-rank family does, to skip per-weight work).
+        """
+        return self.marginals(t)
+
+    def normal_kl_rest(
+        self, t: Any, w_prior_scale: Tensor, b_prior_scale: Tensor | None
+    ) -> Tensor | None:
+        """The part of the KL to a Normal prior that :meth:`normal_kl_split` leaves out."""
+        return self.entropy_gap(t)
+
     def distribution(self, t: Any) -> Distribution:
         """The joint distribution of the weights and bias."""
         raise NotImplementedError
@@ -484,12 +500,20 @@ class _Joint(Family):
             )
 
     def _split(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(W, b)`` from augmented ``(..., rows, out)`` (views)."""
-        return w[..., : self._in, :], (w[..., self._in, :] if self.bias else None)
+        """``(W, b)`` from augmented ``(..., rows, out)`` (views).
+
+        One ``split`` rather than two indexing ops: its backward concatenates the two gradients
+        (one copy), where each index op's backward would fill a zero tensor of the full size.
+        """
+        if not self.bias:
+            return w, None
+        head, last = w.split([self._in, 1], dim=-2)
+        return head, last.squeeze(-2)
 
     def _aug(self, x: Tensor, m: Tensor) -> Tensor:
         r""":math:`\tilde x\,M` for augmented ``M (rows, k)``, without concatenating 1 to ``x``."""
-        return functional.mean_linear(x, m[: self._in], m[self._in] if self.bias else None)
+        w, b = self._split(m)
+        return functional.mean_linear(x, w, b)
 
     def reset_scale(self, init_scale: float | None = None, generator: Any = None) -> None:
         raise NotImplementedError
@@ -570,6 +594,19 @@ class _Joint(Family):
     ) -> Tensor:
         raise NotImplementedError
 
+    def _scaled_sample_output(self, x: Tensor, parts: tuple[Any, ...], eps: Tensor) -> Tensor:
+        r"""``x @ W + b`` for :math:`\tilde W = \tilde M + S\odot\varepsilon`, one sample.
+
+        ``parts`` is ``(w_loc, w_scale, b_loc, b_scale)`` (already split, so that their backward
+        concatenates once); the weight part goes through the mean-field estimator's lean
+        ``loc + scale * eps`` and one ``addmm``, as fast as a mean-field layer.
+        """
+        w_loc, w_scale, b_loc, b_scale = parts
+        eps_w, eps_b = self._split(eps)
+        w = functional._shift_scaled(w_loc, w_scale, eps_w)
+        b = None if b_loc is None or eps_b is None else torch.addcmul(b_loc, b_scale, eps_b)
+        return functional._affine(x, w, b)
+
     def entropy(self, t: Any) -> Tensor:
         d = self.num_weights
         return 0.5 * self._log_det(t) + 0.5 * d * (1.0 + math.log(2 * math.pi))
@@ -585,12 +622,17 @@ class _Joint(Family):
         return Normal(mean, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), validate_args=False)
 
 
+#: ``c`` of the low-rank family's diagonal floor ``c |a_i| |b_j|`` (see ``LowRankNormal.realise``):
+#: factor-to-diagonal variance ratios stay below ``c**-2 = 65536``, resolvable in float32.
+LOWRANK_DIAGONAL_FLOOR = 2.0**-8
+
+
 class _LowRankTensors(NamedTuple):
     loc: Tensor
-    scale: Tensor  # the diagonal part's standard deviation, floored (see LowRankNormal.realise)
+    scale: Tensor  # the diagonal part's standard deviation
     row_factor: Tensor
     col_factor: Tensor
-    factor_variance: Tensor  # sum_k A_ik^2 B_jk^2, (rows, out)
+    parts: tuple[Tensor, Tensor, Tensor | None, Tensor | None]  # w_loc, w_scale, b_loc, b_scale
 
 
 class LowRankNormal(_Joint):
@@ -667,54 +709,84 @@ class LowRankNormal(_Joint):
         return f"{super().extra_repr()}, rank={self.rank}"
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _LowRankTensors:
-        r"""Softplus scales, floored at :math:`\sqrt{\varepsilon}` of each factor variance.
+        r"""The diagonal scales :math:`\sigma_{ij} = \operatorname{softplus}(\rho_{ij}) +
+        c\,\lVert a_i\rVert\,\lVert b_j\rVert`, :math:`c` = :data:`LOWRANK_DIAGONAL_FLOOR`.
 
-        Where the factors explain a weight's variance, nothing holds its diagonal
-        :math:`\sigma_i` up and it can decay towards 0; then
-        :math:`V^\top\operatorname{diag}(\sigma^{-2})V` spans more orders of magnitude than
-        the dtype resolves and its log-determinant is lost. The floor
-        :math:`\sigma_i^2 \ge \sqrt{\varepsilon}\,(VV^\top)_{ii}` (``eps`` of the dtype) keeps
-        the capacitance resolvable and leaves the family's reach unchanged for practical
-        purposes (the diagonal part's share of a variance can still be as small as 3e-4 in
-        float32, 1.5e-8 in float64).
+        Where the factors explain a weight's variance, nothing holds its diagonal scale up and
+        it can decay towards 0; :math:`V^\top\operatorname{diag}(\sigma^{-2})V` then spans more
+        orders of magnitude than the dtype resolves and its log-determinant is lost. The second
+        term keeps every ratio :math:`(VV^\top)_{ii}/\sigma_i^2 \le c^{-2}` (Cauchy-Schwarz:
+        :math:`\sum_k A_{ik}^2B_{jk}^2 \le \lVert a_i\rVert^2\lVert b_j\rVert^2`), costs
+        one fused ``addr`` (its backward: two matrix-vector products) and is the same in every
+        dtype, so ``.double()`` does not change the distribution.
         """
         self._no_bias_factor(bias)
-        factor_variance = self.row_factor.square() @ self.col_factor.square().T
-        floor = math.sqrt(torch.finfo(factor_variance.dtype).eps)
-        scale = torch.maximum(
-            positive_scale(self.raw_scale).square(), floor * factor_variance
-        ).sqrt()
-        return _LowRankTensors(self.loc, scale, self.row_factor, self.col_factor, factor_variance)
+        floor = LOWRANK_DIAGONAL_FLOOR
+        row_norm = torch.linalg.vector_norm(self.row_factor, dim=-1)
+        col_norm = torch.linalg.vector_norm(self.col_factor, dim=-1)
+        scale = torch.addr(positive_scale(self.raw_scale), row_norm, col_norm, alpha=floor)
+        (w_loc, b_loc), (w_scale, b_scale) = self._split(self.loc), self._split(scale)
+        parts = (w_loc, w_scale, b_loc, b_scale)
+        return _LowRankTensors(self.loc, scale, self.row_factor, self.col_factor, parts)
+
+    @staticmethod
+    def _factor_variance(t: _LowRankTensors) -> Tensor:
+        r""":math:`(VV^\top)_{ii} = \sum_k A_{ik}^2 B_{jk}^2`, ``(rows, out)``."""
+        return t.row_factor.square() @ t.col_factor.square().T
 
     def _marginal_variance(self, t: _LowRankTensors) -> Tensor:
-        return t.scale.square() + t.factor_variance
+        return t.scale.square() + self._factor_variance(t)
+
+    def _gram(self, t: _LowRankTensors) -> Tensor:
+        r""":math:`V^\top\operatorname{diag}(\sigma^{-2})V`, ``(k, k)``.
+
+        :math:`\sum_i A_{ik}A_{il}\sum_j \sigma_{ij}^{-2}B_{jk}B_{jl}`: one ``rows x out``
+        product with the ``k(k+1)/2`` distinct column pairs of ``B`` (the matrix is symmetric),
+        no dense covariance.
+        """
+        a, b, k = t.row_factor, t.col_factor, self.rank
+        first, second = torch.triu_indices(k, k, device=b.device)
+        inner = t.scale.pow(-2) @ (b[:, first] * b[:, second])  # (rows, k(k+1)/2)
+        upper = (a[:, first] * a[:, second] * inner).sum(0)
+        gram = torch.zeros(k, k, dtype=upper.dtype, device=upper.device)
+        gram = gram.index_put((first, second), upper)
+        return gram.index_put((second, first), upper)
 
     def _capacitance(self, t: _LowRankTensors) -> Tensor:
-        r""":math:`I_k + V^\top\operatorname{diag}(\sigma^{-2})V`, ``(k, k)``.
+        r""":math:`I_k + V^\top\operatorname{diag}(\sigma^{-2})V`, ``(k, k)``."""
+        gram = self._gram(t)
+        return gram + torch.eye(self.rank, dtype=gram.dtype, device=gram.device)
 
-        :math:`(V^\top D^{-1} V)_{kl} = \sum_i A_{ik}A_{il}\sum_j \sigma_{ij}^{-2}B_{jk}B_{jl}`:
-        one ``rows x out x k^2`` product, no dense covariance.
+    def _log_det_capacitance(self, t: _LowRankTensors) -> Tensor:
+        r""":math:`\log|I + V^\top D^{-1}V|` from the eigenvalues of the ``k x k`` Gram matrix.
+
+        Eigenvalues rather than a Cholesky factor: rounding can leave the computed Gram matrix
+        slightly indefinite when its eigenvalues span many orders of magnitude, which a Cholesky
+        factorisation refuses; the eigenvalues, clamped at their true lower bound 0, stay exact
+        to rounding (and the gradient of a function of the eigenvalues alone is stable even for
+        repeated ones).
         """
-        a, b = t.row_factor, t.col_factor
-        k = self.rank
-        pairs = (b.unsqueeze(-1) * b.unsqueeze(-2)).reshape(self._out, k * k)
-        inner = (t.scale.square().reciprocal() @ pairs).reshape(self.rows, k, k)
-        gram = torch.einsum("ik,il,ikl->kl", a, a, inner)
-        return gram + torch.eye(k, dtype=gram.dtype, device=gram.device)
+        return torch.log1p(torch.linalg.eigvalsh(self._gram(t)).clamp_min(0)).sum()
 
     def _log_det(self, t: _LowRankTensors) -> Tensor:
-        chol = torch.linalg.cholesky(self._capacitance(t))
-        return 2 * torch.log(t.scale).sum() + 2 * torch.log(torch.diagonal(chol)).sum()
+        return 2 * torch.log(t.scale).sum() + self._log_det_capacitance(t)
 
     def entropy_gap(self, t: _LowRankTensors) -> Tensor:
         # sum_i log(v_i / sigma_i^2) - log|I + V^T D^-1 V|, halved: log1p keeps the small
         # correlations of early training from cancelling.
-        ratio = t.factor_variance / t.scale.square()
-        chol = torch.linalg.cholesky(self._capacitance(t))
-        return 0.5 * torch.log1p(ratio).sum() - torch.log(torch.diagonal(chol)).sum()
+        ratio = self._factor_variance(t) / t.scale.square()
+        return 0.5 * torch.log1p(ratio).sum() - 0.5 * self._log_det_capacitance(t)
 
     def _dense_factor(self, t: _LowRankTensors) -> Tensor:
         return (t.row_factor.unsqueeze(1) * t.col_factor.unsqueeze(0)).reshape(-1, self.rank)
+
+    def dense(self, t: _LowRankTensors) -> tuple[Tensor, Tensor]:
+        # Formed directly: torch's LowRankMultivariateNormal factorises the capacitance, which
+        # rounding can make indefinite when a diagonal scale has collapsed (a legitimate optimum
+        # where the factors carry that weight's variance).
+        factor = self._dense_factor(t)
+        cov = torch.diag(t.scale.square().reshape(-1)) + factor @ factor.T
+        return t.loc.reshape(-1), cov
 
     def distribution(self, t: _LowRankTensors) -> LowRankMultivariateNormal:
         """:class:`~torch.distributions.LowRankMultivariateNormal` over ``vec([W; b])``."""
@@ -729,6 +801,65 @@ class LowRankNormal(_Joint):
         eps = _randn((*lead, self.rows, self._out), t.loc, generator)
         z = _randn((*lead, 1, self.rank), t.loc, generator)
         return t.scale * eps + (t.row_factor * z) @ t.col_factor.T
+
+    def sample_output(
+        self,
+        x: Tensor,
+        t: _LowRankTensors,
+        estimator: str,
+        *,
+        generator: torch.Generator | None = None,
+        num_weight_samples: int | None = None,
+    ) -> Tensor:
+        r"""As every joint family; the weight sample's low-rank part never reaches weight space.
+
+        ``x W`` for :math:`W = M + \sigma\odot E + A\operatorname{diag}(z)B^\top` is
+        :math:`x(M + \sigma\odot E) + ((\tilde xA)\odot z)B^\top`: the factor part costs two
+        narrow products instead of a weight-sized matrix and its backward.
+        """
+        if estimator == "local":
+            # The diagonal part exactly as the mean-field local estimator (its lean std
+            # backward), the factor part through k narrow products.
+            w_loc, w_scale, b_loc, b_scale = t.parts
+            rows = functional._shared_rows(x, w_loc)
+            lead = tuple(x.shape[: x.dim() - rows.dim()])
+            mean = functional._affine(rows, w_loc, b_loc)
+            std = functional._local_std(rows, w_scale, b_scale)
+            proj = self._aug(rows, t.row_factor)
+            eps = _randn((*lead, *mean.shape), t.loc, generator)
+            z = _randn((*lead, *proj.shape), t.loc, generator)
+            return torch.addcmul(mean, std, eps) + (proj * z) @ t.col_factor.T
+        if estimator != "reparameterization" or num_weight_samples is not None:
+            return super().sample_output(
+                x, t, estimator, generator=generator, num_weight_samples=num_weight_samples
+            )
+        eps = _randn((self.rows, self._out), t.loc, generator)
+        z = _randn((self.rank,), t.loc, generator)
+        y = self._scaled_sample_output(x, t.parts, eps)
+        return y + (self._aug(x, t.row_factor) * z) @ t.col_factor.T
+
+    def normal_kl_split(
+        self, t: _LowRankTensors
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The diagonal part's scales: the factors enter through :meth:`normal_kl_rest`."""
+        return t.parts
+
+    def normal_kl_rest(
+        self, t: _LowRankTensors, w_prior_scale: Tensor, b_prior_scale: Tensor | None
+    ) -> Tensor:
+        r""":math:`\tfrac12\sum_i (VV^\top)_{ii}/s_i^2 - \tfrac12\log|I + V^\top D^{-1}V|`.
+
+        With the mean-field KL of :math:`(\mu, \sigma)` it is the KL of
+        :math:`\mathcal N(\mu, D + VV^\top)` to :math:`\mathcal N(m, \operatorname{diag}s^2)`:
+        the trace term :math:`\sum_{ijk}A_{ik}^2B_{jk}^2/s_{ij}^2` costs
+        :math:`O((\text{rows} + \text{out})k)` for a scalar prior scale, and nothing is done per
+        weight that the mean-field KL does not do already.
+        """
+        a2, b2 = t.row_factor.square(), t.col_factor.square()
+        trace = _weighted_factor_sum(a2[: self._in], b2, w_prior_scale)
+        if self.bias and b_prior_scale is not None:
+            trace = trace + _weighted_factor_sum(a2[self._in :], b2, b_prior_scale)
+        return 0.5 * trace - 0.5 * self._log_det_capacitance(t)
 
     def output_distribution(self, x: Tensor, t: _LowRankTensors) -> Distribution:
         mean = self._aug(x, t.loc)
@@ -757,14 +888,27 @@ class LowRankNormal(_Joint):
     def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None) -> None:
         """Diagonal scales to the targets; the factors shrunk until their share of every
         variance is at most 1e-4 (correlations start near 0 and are learned)."""
-        target = _join(w_scale, b_scale, self.bias)
-        t = self.realise()
+        target = _join(w_scale, b_scale, self.bias).to(torch.float64)
         with torch.no_grad():
-            share = (t.factor_variance / target.square().to(t.loc.dtype)).max()
+            t = self.realise()
+            share = (self._factor_variance(t) / target.square().to(t.loc.dtype)).max()
             shrink = float((1e-4 / share.clamp_min(1e-300)).clamp_max(1.0)) ** 0.25
             self.row_factor.mul_(shrink)
             self.col_factor.mul_(shrink)
-            self.raw_scale.copy_(inverse_softplus(target.to(torch.float64)))
+            # The diagonal's floor term (realise) is part of the scale: subtract it.
+            row_norm = torch.linalg.vector_norm(self.row_factor, dim=-1).double()
+            col_norm = torch.linalg.vector_norm(self.col_factor, dim=-1).double()
+            floor = LOWRANK_DIAGONAL_FLOOR * torch.outer(row_norm, col_norm)
+            softplus_part = (target - floor).clamp_min(1e-3 * target)
+            self.raw_scale.copy_(inverse_softplus(softplus_part))
+
+
+def _weighted_factor_sum(a2: Tensor, b2: Tensor, prior_scale: Tensor) -> Tensor:
+    r""":math:`\sum_{ijk} a_{ik} b_{jk} / s_{ij}^2` for ``s`` broadcastable to ``(rows, out)``."""
+    if prior_scale.numel() == 1:
+        return (a2.sum(0) * b2.sum(0)).sum() / prior_scale.reshape(()).square()
+    precision = prior_scale.pow(-2).expand(a2.shape[0], b2.shape[0])
+    return (a2 * (precision @ b2)).sum()
 
 
 def _join(w: Tensor, b: Tensor | None, bias: bool) -> Tensor:
@@ -900,6 +1044,8 @@ class _MatrixNormalTensors(NamedTuple):
     loc: Tensor
     row_tril: Tensor  # (rows, rows) lower triangular, or (rows,) diagonal
     col_tril: Tensor  # (out, out) lower triangular, or (out,) diagonal
+    # diagonal factors: (w_loc, w_scale, b_loc, b_scale) with scale = outer(u, v); else None
+    parts: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None
 
 
 class MatrixNormal(_Joint):
@@ -975,7 +1121,35 @@ class MatrixNormal(_Joint):
         if self.row_offdiag is not None and self.col_offdiag is not None:
             row = torch.tril(self.row_offdiag, -1) + torch.diag(row)
             col = torch.tril(self.col_offdiag, -1) + torch.diag(col)
-        return _MatrixNormalTensors(self.loc, row, col)
+            return _MatrixNormalTensors(self.loc, row, col, None)
+        # Diagonal factors: a mean-field Normal with scales u_i v_j; one outer product serves
+        # the sample and the KL.
+        (w_loc, b_loc), (w_scale, b_scale) = (
+            self._split(self.loc),
+            self._split(torch.outer(row, col)),
+        )
+        return _MatrixNormalTensors(self.loc, row, col, (w_loc, w_scale, b_loc, b_scale))
+
+    def marginals(
+        self, t: _MatrixNormalTensors
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        return super().marginals(t) if t.parts is None else t.parts
+
+    def sample_output(
+        self,
+        x: Tensor,
+        t: _MatrixNormalTensors,
+        estimator: str,
+        *,
+        generator: torch.Generator | None = None,
+        num_weight_samples: int | None = None,
+    ) -> Tensor:
+        if estimator != "reparameterization" or num_weight_samples is not None or t.parts is None:
+            return super().sample_output(
+                x, t, estimator, generator=generator, num_weight_samples=num_weight_samples
+            )
+        eps = _randn((self.rows, self._out), t.loc, generator)
+        return self._scaled_sample_output(x, t.parts, eps)
 
     def distribution(self, t: _MatrixNormalTensors) -> _MatrixNormalDistribution:
         """:class:`varlin.distributions.MatrixNormal` over the matrix ``[W; b]``."""
@@ -1043,6 +1217,7 @@ def _log_diag(factor: Tensor) -> Tensor:
 class _RadialTensors(NamedTuple):
     loc: Tensor
     scale: Tensor
+    parts: tuple[Tensor, Tensor, Tensor | None, Tensor | None]  # w_loc, w_scale, b_loc, b_scale
 
 
 class Radial(_Joint):
@@ -1079,7 +1254,37 @@ class Radial(_Joint):
 
     def realise(self, bias: MeanFieldNormal | None = None) -> _RadialTensors:
         self._no_bias_factor(bias)
-        return _RadialTensors(self.loc, positive_scale(self.raw_scale))
+        scale = positive_scale(self.raw_scale)
+        (w_loc, b_loc), (w_scale, b_scale) = self._split(self.loc), self._split(scale)
+        return _RadialTensors(self.loc, scale, (w_loc, w_scale, b_loc, b_scale))
+
+    def marginals(self, t: _RadialTensors) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        w_loc, w_scale, b_loc, b_scale = t.parts
+        root = 1.0 / math.sqrt(self.num_weights)
+        return w_loc, w_scale * root, b_loc, None if b_scale is None else b_scale * root
+
+    def _direction(
+        self, t: _RadialTensors, lead: tuple[int, ...], generator: torch.Generator | None
+    ) -> Tensor:
+        r""":math:`r\,E/\lVert E\rVert` per sample, ``(*lead, rows, out)`` (no gradient)."""
+        eps = _randn((*lead, self.rows, self._out), t.loc, generator)
+        radius = _randn(lead, t.loc, generator)
+        return radial_direction(eps, 2, radius)
+
+    def sample_output(
+        self,
+        x: Tensor,
+        t: _RadialTensors,
+        estimator: str,
+        *,
+        generator: torch.Generator | None = None,
+        num_weight_samples: int | None = None,
+    ) -> Tensor:
+        if estimator != "reparameterization" or num_weight_samples is not None:
+            return super().sample_output(
+                x, t, estimator, generator=generator, num_weight_samples=num_weight_samples
+            )
+        return self._scaled_sample_output(x, t.parts, self._direction(t, (), generator))
 
     def distribution(self, t: _RadialTensors) -> _RadialDistribution:
         """:class:`varlin.distributions.Radial` over the matrix ``[W; b]``."""
@@ -1104,9 +1309,7 @@ class Radial(_Joint):
     def _noise(
         self, t: _RadialTensors, lead: tuple[int, ...], generator: torch.Generator | None
     ) -> Tensor:
-        eps = _randn((*lead, self.rows, self._out), t.loc, generator)
-        radius = _randn(lead, t.loc, generator)
-        return t.scale * radial_direction(eps, 2, radius)
+        return t.scale * self._direction(t, lead, generator)
 
     def _flipout(
         self,
@@ -1117,8 +1320,10 @@ class Radial(_Joint):
     ) -> Tensor:
         lead = () if num_weight_samples is None else (
             functional._check_sample_dim(x, num_weight_samples),)  # fmt: skip
-        delta_w, delta_b = self._split(self._noise(t, lead, generator))
-        w_loc, b_loc = self._split(t.loc)
+        eps_w, eps_b = self._split(self._direction(t, lead, generator))
+        w_loc, w_scale, b_loc, b_scale = t.parts
+        delta_w = w_scale * eps_w
+        delta_b = None if eps_b is None or b_scale is None else b_scale * eps_b
         if lead and delta_b is not None:
             delta_b = delta_b.unsqueeze(1)
         return functional.flip_perturbation(x, w_loc, b_loc, delta_w, delta_b, generator=generator)
