@@ -925,3 +925,70 @@ def test_local_conv_lean_backward_equals_autograd(geometry: dict[str, Any], bias
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("estimator", NAMES)
+def test_autocast_keeps_the_variance_in_full_precision(estimator: str, dtype: torch.dtype) -> None:
+    """Under CPU autocast the output has the autocast dtype; the variance path (x^2, which
+    overflows float16 for |x| > 256) stays in the parameters' float32: finite for |x| = 300."""
+    layer = _layer(estimator=estimator)
+    x = torch.full((2, C_IN, 4, 4), 300.0)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+        law = layer.output_moments(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert torch.isfinite(law.variance).all() and bool((law.variance > 0).all())
+    ((y.float() ** 2).mean() + varlin.kl_divergence(layer)).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# -- CUDA (run where a GPU is present; skipped elsewhere) -------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("estimator", NAMES)
+def test_cuda_forward_backward_reproducible_and_without_host_sync(estimator: str) -> None:
+    from test_gpu import _no_host_sync
+
+    cuda = torch.device("cuda")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        gen = torch.Generator(device=cuda).manual_seed(1)
+        model = nn.Sequential(
+            varlin.VariationalConv2d(2, 4, 3, padding=1, estimator=estimator, generator=gen,
+                                     device=cuda),
+            nn.ReLU(),
+            varlin.VariationalConv2d(4, 4, 3, groups=2, estimator=estimator, generator=gen,
+                                     device=cuda),
+        )  # fmt: skip
+        x = torch.randn(8, 2, 6, 6, device=cuda)
+        model(x)  # warm-up: lazy CUDA initialisation
+        with _no_host_sync():
+            y = model(x)
+            loss = y.square().mean() + varlin.kl_divergence(model) / 100
+        loss.backward()
+        with varlin.deterministic(model):
+            first = model[0]
+            assert isinstance(first, BayesianConvBase)
+            expected = TF.conv2d(x, first.kernel_loc, first.b_loc, padding=1)
+            assert torch.equal(first(x), expected)
+        return y.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    y, grads = run()
+    assert y.device.type == "cuda" and len(grads) == 8
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    # The same device generator seed gives the same noise (cuDNN's weight gradients may sum in
+    # another order from run to run: close, not necessarily equal).
+    y2, grads2 = run()
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_base_class_is_not_a_layer() -> None:
+    with pytest.raises(TypeError, match="use VariationalConv1d, VariationalConv2d or"):
+        BayesianConvBase(2, 4, 3)

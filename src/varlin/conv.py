@@ -129,6 +129,11 @@ class BayesianConvBase(BayesianLinearBase):
         **kwargs: Any,
     ) -> None:
         d = self.dims
+        if d not in _SPATIAL_NAMES:
+            raise TypeError(
+                f"{type(self).__name__} has no spatial dimensions; use VariationalConv1d, "
+                "VariationalConv2d or VariationalConv3d"
+            )
         in_channels = V.positive_int("in_channels", in_channels)
         out_channels = V.positive_int("out_channels", out_channels)
         groups = V.positive_int("groups", groups)
