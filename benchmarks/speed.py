@@ -1031,8 +1031,7 @@ def write_reports(out: Path) -> Path:
         parts.append(
             render_before_after(json.loads(before.read_text()), json.loads(after.read_text()))
         )
-    conv = out / "speed_conv.json"
-    if conv.exists():
+    for conv in sorted(out.glob("speed_conv*.json")):
         parts.append(render_conv_markdown(json.loads(conv.read_text())))
     md = out / "speed.md"
     md.write_text("\n".join(parts).rstrip() + "\n")
@@ -1202,8 +1201,9 @@ def evaluate_conv_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def render_conv_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     load = results.get("load_average", {})
+    threads = m["torch_threads"]
     lines = [
-        "## Convolutions (issue 13)",
+        f"## Convolutions (issue 13), {threads} torch thread{'s' if threads > 1 else ''}",
         "",
         f"Command: `{results['command']}`",
         "",
@@ -1286,10 +1286,13 @@ def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str]
     results["wall_seconds"] = time.perf_counter() - start
     results["targets"] = evaluate_conv_targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed_conv.json").write_text(json.dumps(results, indent=1) + "\n")
+    # One file per thread count: speed_conv.json with every CPU, speed_conv_1thread.json, ...
+    threads = torch.get_num_threads()
+    name = "speed_conv.json" if threads == os.cpu_count() else f"speed_conv_{threads}thread.json"
+    (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
     md = write_reports(args.out)
     print(render_conv_markdown(results))
-    print(f"wrote {args.out / 'speed_conv.json'} and {md}", file=sys.stderr)
+    print(f"wrote {args.out / name} and {md}", file=sys.stderr)
     return results
 
 
