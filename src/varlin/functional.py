@@ -724,9 +724,12 @@ class _LocalConv(torch.autograd.Function):
         std = conv(x2, s2, b_var, **geometry)
         tiny = torch.finfo(std.dtype).tiny
         # On the CPU one reduction (and a free sync) tells whether the clamp acts anywhere,
-        # which it almost never does; then the backward needs no mask (two passes fewer).
+        # which it almost never does; then neither the clamp nor the backward's mask is needed
+        # (three passes fewer).
         ctx.clamped = std.device.type != "cpu" or bool(std.min() < tiny)
-        std.clamp_min_(tiny).sqrt_()
+        if ctx.clamped:
+            std.clamp_min_(tiny)
+        std.sqrt_()
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x2, w_scale, s2,
                               b_scale, std, eps)  # fmt: skip
         ctx.geometry = geometry
@@ -742,15 +745,16 @@ class _LocalConv(torch.autograd.Function):
         d = s2.dim() - 2
         stride, dilation = _expand(geometry["stride"], d), _expand(geometry["dilation"], d)
         padding = _expand(0 if geometry["padding"] == "valid" else geometry["padding"], d)
-        mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], False]
-        grad_in, grad_s2, _ = torch.ops.aten.convolution_backward(
-            g, x2, s2, None, stride, padding, dilation, False, [0] * d, geometry["groups"], mask
-        )
+        with_bias = b_scale is not None and ctx.needs_input_grad[3]
+        mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], with_bias]
+        # The bias's gradient (g summed over examples and positions) comes with the weights'.
+        grad_in, grad_s2, grad_b2 = torch.ops.aten.convolution_backward(
+            g, x2, s2, [s2.shape[0]], stride, padding, dilation, False, [0] * d,
+            geometry["groups"], mask,
+        )  # fmt: skip
         grad_x = None if grad_in is None or x is None else grad_in.mul_(x)
         grad_w = None if grad_s2 is None else grad_s2.mul_(w_scale)
-        grad_b = None
-        if b_scale is not None and ctx.needs_input_grad[3]:
-            grad_b = g.sum([i for i in range(g.dim()) if i != 1]).mul_(b_scale)
+        grad_b = None if grad_b2 is None or not with_bias else grad_b2.mul_(b_scale)
         return grad, grad_x, grad_w, grad_b, None, None
 
 
