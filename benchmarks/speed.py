@@ -1260,7 +1260,7 @@ def render_conv_markdown(results: dict[str, Any]) -> str:
 def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str], *,
              rounds: int, min_seconds: float, warmup: int) -> dict[str, Any]:  # fmt: skip
     """The conv table (``--conv``): writes ``speed_conv.json`` and re-renders ``speed.md``."""
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     impls = _conv_impls(notes, peers=not args.no_peers)
     for note in notes:
         print("note:", note, file=sys.stderr)
@@ -1326,6 +1326,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all CPUs)")
     parser.add_argument("--label", default=None, help="what code this run measures (for notes)")
+    parser.add_argument(
+        "--note", action="append", default=[], help="a note printed with the tables (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
         "--render-only", action="store_true", help="rebuild speed.md from the JSON in --out"
@@ -1364,7 +1367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run_conv(args, device, argv, rounds=rounds, min_seconds=min_seconds,
                         warmup=warmup)  # fmt: skip
 
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     impls = _linear_impls() + _varlin_impls() + _family_impls()
     if not args.no_peers:
         impls += _peer_impls(notes)

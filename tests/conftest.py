@@ -7,9 +7,13 @@ makes a run reproducible; it is not what makes the tests pass.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from statistics import NormalDist
+from types import ModuleType
 
 import pytest
 import torch
@@ -100,3 +104,18 @@ def sample_correlation(a: torch.Tensor, b: torch.Tensor, dim: int = 0) -> torch.
     a = a - a.mean(dim, keepdim=True)
     b = b - b.mean(dim, keepdim=True)
     return (a * b).sum(dim) / torch.sqrt((a * a).sum(dim) * (b * b).sum(dim))
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script (e.g. a benchmark) as module ``name``, registered in ``sys.modules``
+    (dataclasses look their module up there); nothing is left registered if it fails."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module

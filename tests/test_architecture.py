@@ -30,9 +30,11 @@ CORE_LAYERS = {
     "conv": 5,
     "likelihoods": 5,
     "elbo": 6,
+    # Below predictive and convert: its exact head (ExactLinear) is what the closed-form
+    # predictive and bayesian_last_layer(method="exact") use; it needs only _validation.
+    "conjugate": 6,
     "predictive": 7,
     "metrics": 8,
-    "conjugate": 8,
     "convert": 8,
 }
 OUTER_RING = {"training", "data", "plots", "cli"}

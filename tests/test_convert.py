@@ -17,14 +17,17 @@ from typing import Any
 
 import pytest
 import torch
+from sklearn.linear_model import BayesianRidge
 from torch import nn
 from torch.distributions import Normal
 
 import varlin
+from varlin.conjugate import BayesianLinearRegression, ExactLinear
 from varlin.convert import (
     MOPED_MIN_SCALE,
     BayesianLastLayer,
     bayesian_last_layer,
+    bayesian_last_layer_,
     to_variational,
     to_variational_,
 )
@@ -415,8 +418,10 @@ def test_converted_model_pickles(tmp_path: Path) -> None:
 
 # -- Bayesian last layer ------------------------------------------------------------------------
 def test_bayesian_last_layer_freezes_features_and_predicts_in_closed_form() -> None:
+    # The in-place variant: bayesian_last_layer itself now works on a copy (issue: it froze the
+    # caller's extractor in place), see test_bayesian_last_layer_leaves_the_caller_untouched.
     body = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Tanh()).double()
-    model = bayesian_last_layer(body, 8, 1, init_scale=0.05)
+    model = bayesian_last_layer_(body, 8, 1, init_scale=0.05)
     assert isinstance(model, nn.Sequential) and isinstance(model, BayesianLastLayer)
     assert model[0] is body and isinstance(model[-1], varlin.VariationalLinear)
     assert model[-1].w_loc.dtype == F64  # dtype taken from the extractor
@@ -464,6 +469,153 @@ def test_bayesian_last_layer_errors() -> None:
         bayesian_last_layer(nn.Identity(), 2, 1, init_sclae=0.1)
     with pytest.raises(TypeError, match="freeze must be a bool"):
         bayesian_last_layer(nn.Identity(), 2, 1, freeze="yes")  # type: ignore[arg-type]
+
+
+def _trained_net(
+    seed: int = 0, outputs: int = 1
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A small MLP fitted by 300 Adam steps to a 2-D regression problem (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(80, 2, generator=g, dtype=F64)
+    y = torch.stack([torch.sin(2 * x[:, 0]) + x[:, 1] * (j + 1) for j in range(outputs)], -1)
+    y = y + 0.1 * torch.randn(y.shape, generator=g, dtype=F64)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, outputs))
+    net = net.double()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+    return net, x, (y[:, 0] if outputs == 1 else y)
+
+
+@pytest.mark.filterwarnings("ignore::varlin.training.VarlinWarning")  # 2 epochs: not a fit
+@pytest.mark.parametrize("method", ["variational", "exact"])
+def test_bayesian_last_layer_leaves_the_caller_untouched(method: str) -> None:
+    """Regression: the extractor was frozen (requires_grad=False, eval) in place."""
+    net, x, y = _trained_net()
+    net.train()
+    before = copy.deepcopy(net.state_dict())
+    data = (x, y) if method == "exact" else None
+    model = bayesian_last_layer(net[:-1], head=net[-1], method=method, data=data)  # type: ignore[arg-type]
+    if method == "variational":
+        lik = Gaussian(0.1, learn_noise=True, dtype=F64)
+        varlin.fit(model, x, y, likelihood=lik, epochs=2, batch_size=40, progress=False)
+    assert model[0] is not net[:-1] and model[0][0] is not net[0]
+    assert all(p.requires_grad for p in net.parameters())
+    assert net.training and all(m.training for m in net.modules())
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # ...while the model's own copy is frozen.
+    assert not any(p.requires_grad for p in model[0].parameters()) and not model[0].training
+
+
+def test_variational_head_starts_at_the_trained_head() -> None:
+    """As to_variational converts it: means = the trained weights; scales 1e-3 by default, or
+    MOPED's max(0.1 |w|, MOPED_MIN_SCALE) with init_scale="moped"."""
+    net, x, _ = _trained_net()
+    weight = net[-1].weight.detach().clone()
+    model = bayesian_last_layer(net[:-1], head=net[-1])
+    moped = bayesian_last_layer(net[:-1], head=net[-1], init_scale="moped", estimator="local")
+    for head in (model[-1], moped[-1]):
+        assert isinstance(head, varlin.VariationalLinear) and head.in_features == 16
+        assert head.b_loc is not None
+        torch.testing.assert_close(head.w_loc, net[-1].weight.T, rtol=0, atol=0)
+        torch.testing.assert_close(head.b_loc, net[-1].bias, rtol=0, atol=0)
+    torch.testing.assert_close(model[-1].w_scale, torch.full_like(weight.T, 1e-3))
+    expected = (0.1 * weight.T.abs()).clamp_min(MOPED_MIN_SCALE)
+    torch.testing.assert_close(moped[-1].w_scale, expected, rtol=1e-12, atol=0)
+    assert moped[-1].estimator == "local"  # options of to_variational reach the head
+    assert torch.equal(net[-1].weight, weight)  # the caller's head is not modified
+    net.eval()
+    with torch.no_grad(), varlin.deterministic(model):
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_exact_head_is_bayesian_linear_regression_on_the_features(outputs: int) -> None:
+    """The exact route = BayesianLinearRegression(fit_intercept, optimize) on the extracted
+    features (to 1e-12), = scikit-learn's BayesianRidge per output (to 1e-6); varlin.predict
+    gives its predictive in closed form, fitted noise included."""
+    net, x, y = _trained_net(outputs=outputs)
+    x_test = torch.randn(9, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    model = bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=(x, y))
+    head = model[-1]
+    assert isinstance(head, ExactLinear) and head.out_features == outputs
+    net.eval()
+    with torch.no_grad():
+        h, h_test = net[:-1](x), net[:-1](x_test)
+    Y = y.reshape(len(x), outputs)
+    blr = BayesianLinearRegression(
+        1.0, float(Y.std(correction=0)), fit_intercept=True, optimize=True
+    ).fit(h, Y)
+    exact = blr.predict(h_test)
+    pred = varlin.predict(model, x_test)
+    assert pred.sample_means is None  # the closed form
+    assert pred.mean.shape == ((9,) if outputs == 1 else (9, outputs))  # as y's
+    mean, variance = pred.mean.reshape(9, outputs), pred.variance.reshape(9, outputs)
+    torch.testing.assert_close(mean, exact.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance, exact.variance, rtol=1e-12, atol=1e-14)
+    noise = blr.noise_precision.reciprocal().expand(9, -1)
+    torch.testing.assert_close(pred.aleatoric.reshape(9, outputs), noise)
+    torch.testing.assert_close(head.log_evidence, blr.log_evidence(), rtol=1e-12, atol=0)
+    for j in range(outputs):
+        sk = BayesianRidge(alpha_init=1 / float(Y.std(correction=0)) ** 2)
+        sk.fit(h.numpy(), Y[:, j].numpy())
+        sk_mean, sk_std = (torch.as_tensor(a) for a in sk.predict(h_test.numpy(), return_std=True))
+        assert float((mean[:, j] - sk_mean).abs().max()) < 1e-6 * float(sk_mean.abs().max())
+        assert float((variance[:, j].sqrt() - sk_std).abs().max()) < 1e-6 * float(sk_std.max())
+    # A likelihood given to predict sets the aleatoric part, as for a variational head.
+    given = varlin.predict(model, x_test, likelihood=Gaussian(0.5, dtype=F64))
+    torch.testing.assert_close(given.aleatoric, torch.full_like(given.mean, 0.25))
+    torch.testing.assert_close(given.epistemic, pred.epistemic)
+
+
+def test_exact_head_state_dict_round_trip_and_errors() -> None:
+    net, x, y = _trained_net()
+    model = bayesian_last_layer(net[:-1], 16, 1, method="exact", data=(x, y), ard=True)
+    fresh = bayesian_last_layer(net[:-1], 16, 1, method="exact", ard=True)
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        varlin.predict(fresh, x)
+    fresh.load_state_dict(model.state_dict())
+    a, b = varlin.predict(model, x), varlin.predict(fresh, x)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.variance, b.variance)
+    assert model[-1].prior_precision.shape == (1, 16)  # per feature (ARD)
+    with pytest.raises(ValueError, match="closed form only"):
+        varlin.predict(model, x, method="mc")
+    with pytest.raises(TypeError, match="fit_head fits an exact head"):
+        bayesian_last_layer(net[:-1], 16, 1).fit_head(x, y)
+    with pytest.raises(ValueError, match=r"y must have shape \(80,\) or \(80, 1\)"):
+        fresh.fit_head(x, y[:-1])
+    with pytest.raises(TypeError, match=r"y has dtype torch.float32 but the features"):
+        fresh.fit_head(x, y.float())
+    # Fitting in chunks gives the same head.
+    chunked = bayesian_last_layer(net[:-1], 16, 1, method="exact", ard=True)
+    chunked.fit_head(x, y, batch_size=7)
+    torch.testing.assert_close(chunked[-1].weight_mean, model[-1].weight_mean)
+
+
+def test_bayesian_last_layer_new_errors() -> None:
+    net, x, y = _trained_net()
+    with pytest.raises(TypeError, match="needs in_features and out_features, or a trained head"):
+        bayesian_last_layer(net[:-1])
+    with pytest.raises(ValueError, match="in_features=8 does not match the head's in_features=16"):
+        bayesian_last_layer(net[:-1], 8, head=net[-1])
+    with pytest.raises(TypeError, match="head must be a deterministic torch.nn.Linear"):
+        bayesian_last_layer(net[:-1], head=net[0:1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="data= fits an exact head"):
+        bayesian_last_layer(net[:-1], head=net[-1], data=(x, y))
+    with pytest.raises(ValueError, match="method='exact' needs freeze=True"):
+        bayesian_last_layer(net[:-1], head=net[-1], method="exact", freeze=False)
+    with pytest.raises(ValueError, match="method must be one of 'variational', 'exact'"):
+        bayesian_last_layer(net[:-1], head=net[-1], method="laplace")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"data must be a pair \(x, y\)"):
+        bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ExactLinear got unexpected keyword argument.*init_scale"):
+        bayesian_last_layer(net[:-1], head=net[-1], method="exact", init_scale=0.1)
+    with pytest.raises(ValueError, match="X must have at least 2 rows"):
+        bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=(x[:1], y[:1]))
 
 
 @pytest.mark.filterwarnings("ignore::varlin.training.VarlinWarning")  # 5 epochs on 64 points

@@ -128,6 +128,31 @@ def test_bayesian_last_layer():
         assert 0.0 < out["bll_rmse"] < 2.0
 
 
+def test_sklearn_comparison(tmp_path: Path):
+    """Every model of the comparison fits and is scored on each fold; the table is written."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "cmp.md"
+    results = load("sklearn_comparison").main(
+        ["--folds", "2", "--repeats", "1", "--max-iter", "5", "--max-rows", "80",
+         "--out", str(out)]
+    )  # fmt: skip
+    reg, cls = results["regression"], results["classification"]
+    assert {"BayesianRidge", "LogisticRegression"} <= set(reg) | set(cls)
+    assert any(name.startswith("varlin") for name in reg)
+    assert any(name.startswith("varlin") for name in cls)
+    for metrics in reg.values():
+        assert all(len(v) == 2 for v in metrics.values())  # one value per fold
+        assert all(math.isfinite(v) for v in metrics["nll"] + metrics["rmse"])
+        assert all(0.0 <= v <= 1.0 for v in metrics["coverage_90"])
+    for metrics in cls.values():
+        assert all(0.0 <= v <= 1.0 for v in metrics["accuracy"] + metrics["ece"])
+        assert all(math.isfinite(v) and v >= 0 for v in metrics["nll"])
+    text = out.read_text()
+    assert all(name in text for name in [*reg, *cls])
+    assert out.with_suffix(".json").is_file()
+    assert list(tmp_path.glob(".*")) == []  # no temporary file left
+
+
 def test_readme_quickstart(capsys: pytest.CaptureFixture[str]):
     """The README's quickstart runs as written (with fewer epochs) and predicts sensibly."""
     import re

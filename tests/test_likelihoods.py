@@ -213,6 +213,64 @@ def test_learned_noise_is_parameter_fixed_noise_is_buffer() -> None:
     assert float(learned.noise_scale.detach()) > 0.2
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "learned", "sigma"),
+    [
+        ({}, True, 1.0),  # no noise given: learned, from 1
+        ({"noise_scale": 0.3}, False, 0.3),  # a value given is fixed
+        ({"noise_scale": 0.3, "learn_noise": True}, True, 0.3),
+        ({"learn_noise": False}, False, 1.0),  # the old default, asked for explicitly
+        ({"learn_noise": True}, True, 1.0),
+    ],
+)
+def test_gaussian_learns_noise_unless_a_value_is_given(
+    kwargs: dict[str, object], learned: bool, sigma: float
+) -> None:
+    lik = Gaussian(**kwargs)  # type: ignore[arg-type]
+    assert lik.learn_noise is learned
+    assert isinstance(lik.raw_noise_scale, nn.Parameter) is learned
+    assert [n for n, _ in lik.named_parameters()] == (["raw_noise_scale"] if learned else [])
+    assert float(lik.noise_scale.detach()) == pytest.approx(sigma, rel=1e-6)
+
+
+def test_gaussian_learn_noise_must_be_bool() -> None:
+    with pytest.raises(TypeError, match=r"learn_noise must be True or False, got 'yes'"):
+        Gaussian(learn_noise="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("single_thread")  # 600 tiny steps: threads only add overhead
+def test_default_gaussian_reaches_the_noise_optimum_of_the_elbo() -> None:
+    r"""``Gaussian()`` learns :math:`\sigma`: at the ELBO's optimum over :math:`\sigma`,
+
+    :math:`\sigma^2 = \frac1N\sum_n \mathbb E_q[(y_n - f_n)^2] = \frac1N\sum_n (y_n - m_n)^2
+    + v_n` (set the derivative of :math:`-N\log\sigma - \sum_n\mathbb E_q(y_n-f_n)^2/2\sigma^2`
+    to 0), with :math:`(m_n, v_n)` the layer's exact output moments. Trained on the closed-form
+    expected log-likelihood (no Monte Carlo noise), so the stationarity holds to optimiser
+    precision, not to a sampling tolerance.
+    """
+    gen = _gen(0)
+    n, true_sigma = 400, 0.3
+    x = torch.randn(n, 1, generator=gen, dtype=F64)
+    y = 2.0 * x[:, 0] - 0.5 + true_sigma * torch.randn(n, generator=gen, dtype=F64)
+    layer = varlin.VariationalLinear(1, 1, dtype=F64, generator=_gen(1))
+    lik = Gaussian(dtype=F64)
+    elbo = varlin.ELBO(lik, num_data=n)
+    opt = torch.optim.Adam([*layer.parameters(), *lik.parameters()], lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        elbo(layer.output_moments(x), y, layer.kl_divergence()).backward()
+        opt.step()
+    with torch.no_grad():
+        moments = layer.output_moments(x)
+        m, v = moments.loc[:, 0], moments.variance[:, 0]
+        optimum = ((y - m) ** 2 + v).mean()
+        sigma2 = lik.noise_scale**2
+    assert float(sigma2) == pytest.approx(float(optimum), rel=1e-4)
+    # And it is the data's noise: the residual variance of n Gaussian draws has sd
+    # sigma^2 sqrt(2/n); 6 sd bound a failure rate below 1e-8 (the fit adds O(1/n)).
+    assert abs(float(sigma2) - true_sigma**2) < 6 * true_sigma**2 * math.sqrt(2 / n)
+
+
 def test_noise_dtype_and_precision() -> None:
     lik = Gaussian(0.5, dtype=F64)
     assert lik.raw_noise_scale.dtype == F64

@@ -1432,10 +1432,103 @@ BAD_INPUTS: list[Any] = [
         r"y must have shape \(10,\) to match X, got \(9,\)",
     ),
     _case(
-        "BLR-fit-y-column",
-        lambda: BayesianLinearRegression().fit(X64, Y64[:, None]),
+        "BLR-fit-y-3d",
+        lambda: BayesianLinearRegression().fit(X64, Y64[:, None, None]),
         ValueError,
-        r"y must have shape \(10,\) to match X, got \(10, 1\)",
+        r"y must have shape \(10,\) to match X, got \(10, 1, 1\) \(or \(10, k\) for k >= 1",
+    ),
+    _case(
+        "BLR-fit-y-no-columns",
+        lambda: BayesianLinearRegression().fit(X64, Y64[:, None][:, :0]),
+        ValueError,
+        r"y must have shape \(10,\) to match X, got \(10, 0\)",
+    ),
+    _case(
+        "BLR-optimize-one-row",
+        lambda: BayesianLinearRegression(optimize=True).fit(X64[:1], Y64[:1]),
+        ValueError,
+        r"X must have at least 2 rows to choose the prior and noise by the evidence "
+        r"\(optimize=True\), got 1",
+    ),
+    _case(
+        "BLR-optimize-X-inf",
+        lambda: BayesianLinearRegression(optimize=True).fit(X64 * INF, Y64),
+        ValueError,
+        r"X must be finite, got Tensor of shape \(10, 3\) .* 30 non-finite entries",
+    ),
+    _case(
+        "BLR-ard-without-optimize",
+        lambda: BayesianLinearRegression(ard=True),
+        ValueError,
+        r"ard=True needs optimize=True",
+    ),
+    _case(
+        "BLR-prune-without-ard",
+        lambda: BayesianLinearRegression(optimize=True, prune_threshold=1e4),
+        ValueError,
+        r"prune_threshold applies to ard=True only",
+    ),
+    _case(
+        "BLR-prune_threshold=0",
+        lambda: BayesianLinearRegression(optimize=True, ard=True, prune_threshold=0),
+        ValueError,
+        r"prune_threshold must be > 0.0, got 0.0",
+    ),
+    _case(
+        "BLR-max_iter=0",
+        lambda: BayesianLinearRegression(max_iter=0),
+        ValueError,
+        r"max_iter must be a positive integer, got 0",
+    ),
+    _case(
+        "BLR-tol=0",
+        lambda: BayesianLinearRegression(tol=0),
+        ValueError,
+        r"tol must be > 0.0, got 0.0",
+    ),
+    _case(
+        "BLR-optimize=str",
+        lambda: BayesianLinearRegression(optimize="yes"),
+        TypeError,
+        r"optimize must be True or False, got 'yes'",
+    ),
+    _case(
+        "BLR-fit_intercept=1",
+        lambda: BayesianLinearRegression(fit_intercept=1),
+        TypeError,
+        r"fit_intercept must be True or False, got 1",
+    ),
+    _case(
+        "BLR-noise_precision_prior-negative",
+        lambda: BayesianLinearRegression(noise_precision_prior=(1e-6, -1.0)),
+        ValueError,
+        r"noise_precision_prior must be a pair \(shape, rate\) of finite numbers >= 0, "
+        r"got \(1e-06, -1.0\)",
+    ),
+    _case(
+        "BLR-weight_precision_prior-scalar",
+        lambda: BayesianLinearRegression(weight_precision_prior=1e-6),
+        TypeError,
+        r"weight_precision_prior must be a pair \(shape, rate\) of finite numbers >= 0, "
+        r"got 1e-06",
+    ),
+    _case(
+        "BLR-optimize-diverges",
+        lambda: BayesianLinearRegression(
+            optimize=True, noise_precision_prior=(0, 0), weight_precision_prior=(0, 0)
+        ).fit(X64, torch.zeros_like(Y64)),
+        ValueError,
+        r"optimize=True found no finite maximum of the evidence \(the noise precision diverged",
+    ),
+    _case(
+        "BLR-elbo-multi-output",
+        lambda: (
+            BayesianLinearRegression()
+            .fit(X64, torch.stack([Y64, Y64], -1))
+            .elbo(Normal(torch.zeros(3, dtype=torch.float64), 1.0))
+        ),
+        ValueError,
+        r"the ELBO is defined for one output, but y has 2 columns",
     ),
     _case(
         "BLR-fit-y-int",

@@ -8,7 +8,7 @@ from . import conjugate, conv, convert, functional, kl, likelihoods, metrics, po
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
 from .conv import VariationalConv1d, VariationalConv2d, VariationalConv3d
-from .convert import bayesian_last_layer, to_variational, to_variational_
+from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .layers import (
     LinearVariationalNormal,
@@ -43,6 +43,7 @@ __all__ = [
     "VariationalConv2d",
     "VariationalConv3d",
     "bayesian_last_layer",
+    "bayesian_last_layer_",
     "conjugate",
     "conv",
     "convert",

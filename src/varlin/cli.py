@@ -617,7 +617,10 @@ def cmd_uci(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
     if not script.is_file():
-        raise CLIError("varlin bench runs from a source checkout (benchmarks/speed.py not found)")
+        raise CLIError(
+            "the speed benchmark is not part of the installed package: run 'make bench' (or "
+            "'python benchmarks/speed.py') in a checkout of varlin's source repository"
+        )
     saved = sys.argv
     sys.argv = [str(script), *args.bench_args]
     try:

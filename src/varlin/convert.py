@@ -19,8 +19,10 @@ Two initialisations of the posterior scales:
   :math:`p(w_{ij}) = \mathcal N(w_{ij}^{\text{det}}, s^2)`.
 
 :func:`bayesian_last_layer` builds the other common recipe: a frozen deterministic feature
-extractor followed by one variational head, whose predictive :func:`varlin.predict` computes in
-closed form for a Gaussian likelihood.
+extractor followed by one Bayesian head — variational (trained by the ELBO, started from the
+trained head's weights) or exact (:class:`~varlin.conjugate.ExactLinear`, fitted in closed form
+with its prior and noise chosen by the evidence) — whose predictive :func:`varlin.predict`
+computes in closed form for a Gaussian likelihood.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.distributions import Normal
 from . import _validation as V
 from . import functional
 from . import priors as _priors
+from .conjugate import ExactLinear
 from .conv import BayesianConvBase, VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .layers import BayesianLinearBase, Estimator, Posterior, VariationalLinear, variational_layers
 
@@ -46,6 +49,7 @@ __all__ = [
     "to_variational",
     "to_variational_",
     "bayesian_last_layer",
+    "bayesian_last_layer_",
     "BayesianLastLayer",
     "LayerSelection",
     "MOPED_MIN_SCALE",
@@ -124,6 +128,32 @@ class BayesianLastLayer(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"frozen_features={self.frozen_features}"
+
+    @torch.no_grad()
+    def fit_head(self, x: Tensor, y: Tensor, *, batch_size: int | None = None) -> BayesianLastLayer:
+        """Fit an exact head (:class:`~varlin.conjugate.ExactLinear`) in closed form on the
+        features of ``x``: one pass through the extractor (in eval mode, in chunks of
+        ``batch_size`` rows if given), then the exact posterior. Returns ``self``.
+        """
+        head = self[-1]
+        if not isinstance(head, ExactLinear):
+            raise TypeError(
+                "fit_head fits an exact head (bayesian_last_layer(..., method='exact')), but "
+                f"this model's head is a {type(head).__name__}; train it with varlin.fit"
+            )
+        V.floating_tensor("x", x)
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
+        size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
+        features = self[0]
+        was_training = features.training
+        features.eval()
+        try:
+            h = torch.cat([features(chunk) for chunk in x.split(size)])
+        finally:
+            features.train(was_training)
+        head.fit(h, y)
+        return self
 
 
 # -- argument checks ------------------------------------------------------------------------
@@ -596,58 +626,25 @@ def _first_tensor(module: nn.Module) -> Tensor | None:
     return None
 
 
-def bayesian_last_layer(
+LastLayerMethod = Literal["variational", "exact"]
+
+
+def bayesian_last_layer_(
     feature_extractor: nn.Module,
-    in_features: int,
-    out_features: int,
+    in_features: int | None = None,
+    out_features: int | None = None,
     *,
+    head: nn.Linear | None = None,
+    method: LastLayerMethod = "variational",
+    data: tuple[Tensor, Tensor] | None = None,
     freeze: bool = True,
     **layer_kwargs: Any,
 ) -> BayesianLastLayer:
-    r"""A deterministic feature extractor followed by one variational linear head.
+    """:func:`bayesian_last_layer` without the copy: ``feature_extractor`` itself becomes
+    ``model[0]`` (frozen in place with ``freeze=True``) and ``head`` is read, not copied.
 
-    The Bayesian last layer (e.g. Snoek et al. 2015; Kristiadi, Hein & Hennig 2020): keep a
-    trained network's features :math:`h(x)` and put the posterior only on the output layer,
-    :math:`y = h(x)\,W + b`. With a Gaussian likelihood the predictive is then Gaussian with
-
-    .. math::
-        \mathbb E[y_*] = h_*\mu_W + \mu_b,\qquad
-        \operatorname{Var}[y_*] = h_*^2\,\sigma_W^2 + \sigma_b^2 + \sigma_{\text{noise}}^2,
-
-    which ``varlin.predict(model, x, likelihood=lik)`` computes exactly (``method="auto"`` or
-    ``"closed_form"``), without sampling.
-
-    Args:
-        feature_extractor: a deterministic module mapping inputs to ``(N, in_features)``
-            features (e.g. a trained MLP without its output layer: ``net[:-1]``). It is used
-            as is, not copied.
-        in_features: width of the features.
-        out_features: width of the output.
-        freeze: set ``requires_grad=False`` on the extractor's parameters (so
-            :func:`varlin.fit` trains only the head) and keep it in eval mode, also through
-            ``model.train()`` (see :class:`BayesianLastLayer`). With ``freeze=False`` the
-            extractor is trained jointly; the predictive is still closed-form given the
-            features.
-        **layer_kwargs: passed to :class:`~varlin.VariationalLinear` (``bias``,
-            ``make_weights_prior``, ``make_bias_prior``, ``estimator``, ``init_scale``,
-            ``generator``, ``posterior``, ``rank``, ``factors``, ``device``, ``dtype``);
-            ``device`` and ``dtype`` default to those of the extractor's parameters. With
-            ``posterior="full"`` the head can hold the exact posterior of a Gaussian linear
-            model, and the closed-form predictive includes the covariance across outputs.
-
-    Returns:
-        :class:`BayesianLastLayer`, an ``nn.Sequential(feature_extractor, head)``.
-
-    Raises:
-        TypeError: ``feature_extractor`` is not a module, or a keyword is unknown.
-        ValueError: the extractor already holds variational layers (the closed form needs the
-            head to be the only one; use :func:`to_variational` with ``layers="last"`` on the
-            whole network instead).
-
-    Example:
-        >>> model = varlin.convert.bayesian_last_layer(net[:-1], 50, 1)
-        >>> varlin.fit(model, x, y, likelihood=lik, epochs=200)
-        >>> pred = varlin.predict(model, x_test, likelihood=lik, method="closed_form")
+    Same arguments and result as :func:`bayesian_last_layer`; use it when copying the
+    extractor would cost too much memory.
     """
     if not isinstance(feature_extractor, nn.Module):
         raise TypeError(
@@ -655,6 +652,7 @@ def bayesian_last_layer(
         )
     if not isinstance(freeze, bool):
         raise TypeError(f"freeze must be a bool, got {V.describe(freeze)}")
+    method = V.one_of("method", method, ("variational", "exact"))  # type: ignore[assignment]
     inner = next(variational_layers(feature_extractor), None)
     if inner is not None:
         raise ValueError(
@@ -663,15 +661,163 @@ def bayesian_last_layer(
             "To make the last nn.Linear of a network variational, use "
             "varlin.convert.to_variational(model, layers='last')"
         )
-    reference = _first_tensor(feature_extractor)
+    in_features, out_features = _head_shape(head, in_features, out_features)
+    if method == "exact" and not freeze:
+        raise ValueError(
+            "method='exact' needs freeze=True: the head is fitted in closed form on fixed "
+            "features, which training the extractor afterwards would invalidate"
+        )
+    if data is not None and method != "exact":
+        raise ValueError(
+            "data= fits an exact head (method='exact'); train a variational head with "
+            "varlin.fit(model, x, y, ...)"
+        )
+    reference = head.weight if head is not None else _first_tensor(feature_extractor)
     if reference is not None:
         layer_kwargs.setdefault("device", reference.device)
         layer_kwargs.setdefault("dtype", reference.dtype)
-    head = VariationalLinear(in_features, out_features, **layer_kwargs)
+    new_head: nn.Module
+    if method == "exact":
+        new_head = ExactLinear(in_features, out_features, **layer_kwargs)
+    elif head is not None:
+        # The trained head's weights become the posterior means, exactly as to_variational
+        # converts an nn.Linear (with its defaults; init_scale="moped" for MOPED's scales).
+        device, dtype = layer_kwargs.pop("device"), layer_kwargs.pop("dtype")
+        new_head = to_variational_(
+            copy.deepcopy(head).to(device=device, dtype=dtype), **layer_kwargs
+        )
+    else:
+        new_head = VariationalLinear(in_features, out_features, **layer_kwargs)
     if freeze:
         feature_extractor.requires_grad_(False)
         feature_extractor.eval()
     model = BayesianLastLayer(
-        OrderedDict([("features", feature_extractor), ("head", head)]), frozen_features=freeze
+        OrderedDict([("features", feature_extractor), ("head", new_head)]), frozen_features=freeze
     )
+    if data is not None:
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise TypeError(f"data must be a pair (x, y) of tensors, got {V.describe(data)}")
+        model.fit_head(*data)
     return model
+
+
+def _head_shape(
+    head: nn.Linear | None, in_features: int | None, out_features: int | None
+) -> tuple[int, int]:
+    """``(in_features, out_features)`` from the arguments, or from ``head`` (and checked)."""
+    if head is None:
+        if in_features is None or out_features is None:
+            raise TypeError(
+                "bayesian_last_layer needs in_features and out_features, or a trained head "
+                "(head=nn.Linear) to take them from"
+            )
+        return V.positive_int("in_features", in_features), V.positive_int(
+            "out_features", out_features
+        )
+    if not isinstance(head, nn.Linear) or isinstance(head, BayesianLinearBase):
+        raise TypeError(f"head must be a deterministic torch.nn.Linear, got {V.describe(head)}")
+    for name, given, actual in (
+        ("in_features", in_features, head.in_features),
+        ("out_features", out_features, head.out_features),
+    ):
+        if given is not None and given != actual:
+            raise ValueError(f"{name}={given} does not match the head's {name}={actual}")
+    return head.in_features, head.out_features
+
+
+def bayesian_last_layer(
+    feature_extractor: nn.Module,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    *,
+    head: nn.Linear | None = None,
+    method: LastLayerMethod = "variational",
+    data: tuple[Tensor, Tensor] | None = None,
+    freeze: bool = True,
+    **layer_kwargs: Any,
+) -> BayesianLastLayer:
+    r"""A deterministic feature extractor followed by one Bayesian linear head.
+
+    The Bayesian last layer (e.g. Snoek et al. 2015; Kristiadi, Hein & Hennig 2020): keep a
+    trained network's features :math:`h(x)` and put the posterior only on the output layer,
+    :math:`y = h(x)\,W + b`. Two heads:
+
+    - ``method="variational"`` (default): a :class:`~varlin.VariationalLinear` head, trained by
+      :func:`varlin.fit` on the ELBO; any likelihood, and the extractor can be trained jointly
+      (``freeze=False``). Given the trained ``head``, its weights are the posterior means, as
+      :func:`to_variational` converts it (small constant scales by default; MOPED's
+      :math:`\sigma = \delta|w|` with ``init_scale="moped"``).
+    - ``method="exact"``: an :class:`~varlin.conjugate.ExactLinear` head, fitted in closed form
+      on the extracted features (``data=(x, y)`` here, or :meth:`BayesianLastLayer.fit_head`
+      later): the exact posterior of Bayesian linear regression with an unpenalised intercept
+      and its prior and noise precisions chosen by maximising the evidence, one pair per output
+      (Gaussian likelihood). No training loop.
+
+    With a Gaussian likelihood the predictive is then Gaussian, mean
+    :math:`\mathbb E[h_* W + b]` and variance :math:`\operatorname{Var}[h_* W + b] +
+    \sigma^2_{\text{noise}}`, which ``varlin.predict(model, x)`` computes exactly without
+    sampling (``method="auto"`` or ``"closed_form"``); the exact head brings its fitted noise
+    (used unless a likelihood is given), a variational one takes it from ``likelihood=``.
+
+    The caller's modules are not modified: ``feature_extractor`` (and ``head``) are deep-copied
+    (:func:`bayesian_last_layer_` uses them in place instead).
+
+    Args:
+        feature_extractor: a deterministic module mapping inputs to ``(N, in_features)``
+            features (e.g. a trained MLP without its output layer: ``net[:-1]``).
+        in_features: width of the features (taken from ``head`` when given).
+        out_features: width of the output (taken from ``head`` when given).
+        head: the trained ``nn.Linear`` output layer (e.g. ``net[-1]``), to start a
+            variational head from (and to read the shape from).
+        method: ``"variational"`` or ``"exact"``.
+        data: ``(x, y)`` to fit an exact head on now: inputs of the extractor and targets
+            ``(N,)`` or ``(N, out_features)``.
+        freeze: set ``requires_grad=False`` on the extractor's parameters (so
+            :func:`varlin.fit` trains only the head) and keep it in eval mode, also through
+            ``model.train()`` (see :class:`BayesianLastLayer`). With ``freeze=False`` the
+            extractor is trained jointly (variational head only); the predictive is still
+            closed-form given the features.
+        **layer_kwargs: for a new variational head, those of :class:`~varlin.VariationalLinear`
+            (``bias``, ``make_weights_prior``, ``make_bias_prior``, ``estimator``,
+            ``init_scale``, ``generator``, ``posterior``, ``rank``, ``factors``, ...); from a
+            trained ``head``, those of :func:`to_variational` (``prior``, ``init_scale``,
+            ``moped_delta``, ``prior_at_weights``, ``estimator``, ``posterior``, ``rank``,
+            ``factors``); with ``posterior="full"`` a variational head can hold the exact
+            posterior of a Gaussian linear model, and the closed-form predictive includes the
+            covariance across outputs; for an exact head, those of
+            :class:`~varlin.conjugate.ExactLinear` (``ard``, ``noise_scale``, ``prior_scale``,
+            ``max_iter``, ...). ``device`` and ``dtype`` default to those of ``head``, else of
+            the extractor's parameters.
+
+    Returns:
+        :class:`BayesianLastLayer`, an ``nn.Sequential(feature_extractor, head)``.
+
+    Raises:
+        TypeError: ``feature_extractor`` is not a module, ``head`` not an ``nn.Linear``, the
+            shape is missing, or a keyword is unknown.
+        ValueError: the extractor already holds variational layers (the closed form needs the
+            head to be the only one; use :func:`to_variational` with ``layers="last"`` on the
+            whole network instead), the shape contradicts ``head``, or ``data`` is given to a
+            variational head.
+
+    Example:
+        >>> exact = varlin.bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=(x, y))
+        >>> pred = varlin.predict(exact, x_test)  # closed form, fitted noise included
+        >>> model = varlin.bayesian_last_layer(net[:-1], head=net[-1])  # variational
+        >>> varlin.fit(model, x, y, likelihood=lik, epochs=200)
+        >>> pred = varlin.predict(model, x_test, likelihood=lik, method="closed_form")
+    """
+    if not isinstance(feature_extractor, nn.Module):
+        raise TypeError(
+            f"feature_extractor must be a torch.nn.Module, got {type(feature_extractor).__name__}"
+        )
+    return bayesian_last_layer_(
+        copy.deepcopy(feature_extractor),
+        in_features,
+        out_features,
+        head=head,  # read, never modified: the variational route converts a copy
+        method=method,
+        data=data,
+        freeze=freeze,
+        **layer_kwargs,
+    )

@@ -246,5 +246,9 @@ def entropy_kl(entropy: Tensor, samples: list[tuple[Tensor, Distribution]]) -> T
     Returns:
         The estimate, 0-dim.
     """
+    if any(z.dtype == torch.float16 for z, _ in samples):
+        # As distribution_kl_sum: float16 sums of ~1 nat per weight overflow; use float32.
+        samples = [(z.float(), _float16_to_float32(prior)) for z, prior in samples]
+        entropy = entropy.float()
     cross = sum((-prior.log_prob(z).sum() for z, prior in samples), torch.zeros_like(entropy))
     return cross - entropy

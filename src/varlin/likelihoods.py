@@ -146,11 +146,17 @@ class Likelihood(nn.Module):
 class Gaussian(Likelihood):
     r"""Gaussian noise: :math:`y = f(x) + \varepsilon,\ \varepsilon\sim\mathcal N(0,\sigma^2)`.
 
+    With no ``noise_scale`` given, :math:`\sigma` is learned, starting from 1 (as GPyTorch's and
+    scikit-learn's Gaussian likelihoods do); a value given is held fixed unless
+    ``learn_noise=True``.
+
     Args:
-        noise_scale: :math:`\sigma` (> 0), fixed or the initial value when learned.
+        noise_scale: :math:`\sigma` (> 0): the fixed value, or the initial value when learned;
+            ``None`` (the default) starts a learned :math:`\sigma` at 1.
         learn_noise: if ``True``, :math:`\sigma` is a parameter (stored as
-            ``raw_noise_scale``, :math:`\sigma = \operatorname{softplus}(\rho)`); otherwise a
-            buffer, saved in ``state_dict()`` but not trained.
+            ``raw_noise_scale``, :math:`\sigma = \operatorname{softplus}(\rho)`); if ``False``,
+            a buffer, saved in ``state_dict()`` but not trained. ``None`` (the default) means
+            ``True`` when ``noise_scale`` is not given and ``False`` when it is.
         device, dtype: factory keyword arguments, as for :class:`torch.nn.Linear`.
 
     Shape:
@@ -159,27 +165,37 @@ class Gaussian(Likelihood):
         with the output's shape, a trailing dimension of size 1 dropped.
 
     Example:
+        >>> Gaussian().learn_noise, Gaussian(0.1).learn_noise
+        (True, False)
         >>> lik = Gaussian(0.1, learn_noise=True)
         >>> lik(torch.zeros(5, 1)).batch_shape
         torch.Size([5])
     """
 
+    #: The initial :math:`\sigma` of a learned noise scale when none is given.
+    DEFAULT_NOISE_SCALE = 1.0
+
     def __init__(
         self,
-        noise_scale: float = 1.0,
+        noise_scale: float | None = None,
         *,
-        learn_noise: bool = False,
+        learn_noise: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if learn_noise is None:
+            learn_noise = noise_scale is None
+        learn_noise = V.boolean("learn_noise", learn_noise)
+        if noise_scale is None:
+            noise_scale = self.DEFAULT_NOISE_SCALE
         noise_scale = V.real("noise_scale", noise_scale, min_value=0.0, strict=True)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         V.survives_cast("noise_scale", noise_scale, dtype)
         # Invert in float64, then round once: a float64 likelihood holds sigma to ~1e-16.
         raw = inverse_softplus(torch.tensor(noise_scale, dtype=torch.float64))
         raw = raw.to(device=device, dtype=dtype)
-        self.learn_noise = bool(learn_noise)
+        self.learn_noise = learn_noise
         if self.learn_noise:
             self.raw_noise_scale = nn.Parameter(raw)
         else:

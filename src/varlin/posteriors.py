@@ -545,7 +545,8 @@ class _Joint(Family):
         raise NotImplementedError
 
     def marginals(self, t: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        std = self._marginal_variance(t).clamp_min(torch.finfo(t.loc.dtype).tiny).sqrt()
+        var = self._marginal_variance(t)
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
         w_loc, b_loc = self._split(t.loc)
         w_std, b_std = self._split(std)
         return w_loc, w_std, b_loc, b_std
@@ -652,7 +653,9 @@ class LowRankNormal(_Joint):
     ``k = rows - 1`` or more covers every covariance.
 
     KL and entropy need no dense covariance: :math:`\log|\Sigma| = \sum\log\sigma^2 +
-    \log|I_k + V^\top\operatorname{diag}(\sigma^{-2})V|` (the matrix determinant lemma).
+    \log|I_k + V^\top\operatorname{diag}(\sigma^{-2})V|` (the matrix determinant lemma). The
+    diagonal is :math:`\sigma_{ij} = \operatorname{softplus}(\rho_{ij}) +
+    2^{-8}\lVert a_i\rVert\lVert b_j\rVert` (see :meth:`realise`).
 
     Args:
         in_features, out_features: the linear map's shape.
@@ -690,8 +693,10 @@ class LowRankNormal(_Joint):
     def reset_scale(
         self, init_scale: float | None = None, generator: torch.Generator | None = None
     ) -> None:
-        """Diagonal variance ``init_scale**2 / 2``; factors with i.i.d. Normal entries whose
-        contribution ``sum_k A_ik^2 B_jk^2`` has expectation ``init_scale**2 / 2``.
+        """Diagonal ``softplus(raw_scale) = init_scale / sqrt(2)``; factors with i.i.d. Normal
+        entries whose contribution ``sum_k A_ik^2 B_jk^2`` has expectation ``init_scale**2 / 2``
+        (so each weight's variance is about ``init_scale**2``; the diagonal's floor term adds
+        at most 2^-8 of the factors' scale).
 
         The factors start random, not at 0: at :math:`V = 0` the gradient with respect to
         :math:`V` vanishes (a saddle point).
@@ -735,7 +740,8 @@ class LowRankNormal(_Joint):
         return t.row_factor.square() @ t.col_factor.square().T
 
     def _marginal_variance(self, t: _LowRankTensors) -> Tensor:
-        return t.scale.square() + self._factor_variance(t)
+        # float32 for float16/bfloat16 layers: scales of ~1e-2 square to float16's subnormals.
+        return _wide(t.scale).square() + _wide(self._factor_variance(t))
 
     def _gram(self, t: _LowRankTensors) -> Tensor:
         r""":math:`V^\top\operatorname{diag}(\sigma^{-2})V`, ``(k, k)``.
@@ -744,9 +750,12 @@ class LowRankNormal(_Joint):
         product with the ``k(k+1)/2`` distinct column pairs of ``B`` (the matrix is symmetric),
         no dense covariance.
         """
-        a, b, k = t.row_factor, t.col_factor, self.rank
+        a, b, scale, k = t.row_factor, t.col_factor, t.scale, self.rank
+        if scale.dtype in (torch.float16, torch.bfloat16):
+            # sigma^-2 leaves float16's range below sigma = 4e-3, and eigvalsh takes neither.
+            a, b, scale = a.float(), b.float(), scale.float()
         first, second = torch.triu_indices(k, k, device=b.device)
-        inner = t.scale.pow(-2) @ (b[:, first] * b[:, second])  # (rows, k(k+1)/2)
+        inner = scale.pow(-2) @ (b[:, first] * b[:, second])  # (rows, k(k+1)/2)
         upper = (a[:, first] * a[:, second] * inner).sum(0)
         gram = torch.zeros(k, k, dtype=upper.dtype, device=upper.device)
         gram = gram.index_put((first, second), upper)
@@ -774,7 +783,7 @@ class LowRankNormal(_Joint):
     def entropy_gap(self, t: _LowRankTensors) -> Tensor:
         # sum_i log(v_i / sigma_i^2) - log|I + V^T D^-1 V|, halved: log1p keeps the small
         # correlations of early training from cancelling.
-        ratio = self._factor_variance(t) / t.scale.square()
+        ratio = _wide(self._factor_variance(t)) / _wide(t.scale).square()
         return 0.5 * torch.log1p(ratio).sum() - 0.5 * self._log_det_capacitance(t)
 
     def _dense_factor(self, t: _LowRankTensors) -> Tensor:
@@ -901,6 +910,11 @@ class LowRankNormal(_Joint):
             floor = LOWRANK_DIAGONAL_FLOOR * torch.outer(row_norm, col_norm)
             softplus_part = (target - floor).clamp_min(1e-3 * target)
             self.raw_scale.copy_(inverse_softplus(softplus_part))
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is float16 or bfloat16 (variances underflow there), else as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _weighted_factor_sum(a2: Tensor, b2: Tensor, prior_scale: Tensor) -> Tensor:

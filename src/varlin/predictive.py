@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from . import _validation as V
+from .conjugate import ExactLinear
 from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
@@ -350,23 +351,38 @@ def _sample_outputs(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
     return out.reshape(num_samples, out.shape[0] // num_samples, *out.shape[1:])
 
 
-def _linear_head(module: nn.Module) -> bool:
+_Head = BayesianLinearBase | ExactLinear
+
+
+def _head(module: nn.Module) -> bool:
     # A convolution is a variational linear map too, but its output is not (N, out): Monte Carlo.
-    return isinstance(module, BayesianLinearBase) and not isinstance(module, BayesianConvBase)
+    return isinstance(module, (BayesianLinearBase, ExactLinear)) and not isinstance(
+        module, BayesianConvBase
+    )
 
 
-def _last_layer_split(model: nn.Module) -> tuple[nn.Module, BayesianLinearBase] | None:
-    """``(features, head)`` if the model's only variational layer is its last module, a linear
-    one."""
-    if _linear_head(model):
-        assert isinstance(model, BayesianLinearBase)
+def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
+    """``(features, head)`` if the model's only Bayesian layer is its last module (a
+    variational linear layer, or an exact head fitted in closed form)."""
+    if _head(model):
+        assert isinstance(model, (BayesianLinearBase, ExactLinear))
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if _linear_head(head) and len(list(variational_layers(model))) == 1:
-            assert isinstance(head, BayesianLinearBase)
+        if _head(head) and not _has_bayesian(model[:-1]):
+            assert isinstance(head, (BayesianLinearBase, ExactLinear))
             return model[:-1], head
     return None
+
+
+def _gaussian_head(head: nn.Module) -> bool:
+    """Whether a head's output for fixed features is Gaussian (every exact head; a variational
+    one whose posterior family is Gaussian)."""
+    return not isinstance(head, BayesianLinearBase) or head.w_posterior.gaussian
+
+
+def _has_bayesian(model: nn.Module) -> bool:
+    return any(isinstance(m, (BayesianLinearBase, ExactLinear)) for m in model.modules())
 
 
 def _closed_form(
@@ -376,14 +392,14 @@ def _closed_form(
     if split is None or not (likelihood is None or isinstance(likelihood, Gaussian)):
         raise ValueError(
             "method='closed_form' needs a model whose only variational layer is its last module "
-            "(a VariationalLinear at the end of an nn.Sequential, or the layer itself) and a "
-            "Gaussian likelihood (or none); use method='mc'"
+            "(a VariationalLinear or ExactLinear at the end of an nn.Sequential, or the layer "
+            "itself) and a Gaussian likelihood (or none); use method='mc'"
         )
     features, head = split
-    if not head.w_posterior.gaussian:
+    if not _gaussian_head(head):
         raise ValueError(
             f"method='closed_form' needs a Gaussian posterior on the head, got "
-            f"posterior={head.posterior_name!r}; use method='mc'"
+            f"posterior={getattr(head, 'posterior_name', None)!r}; use method='mc'"
         )
     h = _call(features, x)
     name = "x" if isinstance(features, nn.Identity) else "the feature extractor's output"
@@ -393,15 +409,17 @@ def _closed_form(
     # N(h mu_W + mu_b, h^2 sigma_W^2 + sigma_b^2); correlated across outputs for joint families).
     moments = head.output_moments(h)
     mean, var = moments.mean, moments.variance
-    covariance = getattr(moments, "covariance_matrix", None)
-    if head._use_mean:  # inside varlin.deterministic(model): the posterior mean, no spread
+    covariance = getattr(moments, "covariance_matrix", None)  # outputs correlated by the head
+    if getattr(head, "_use_mean", False):  # inside varlin.deterministic(model): no spread
         var = torch.zeros_like(var)
         covariance = None if covariance is None else torch.zeros_like(covariance)
-    if mean.shape[-1] == 1:
-        mean, var = mean.squeeze(-1), var.squeeze(-1)
     noise = torch.zeros_like(mean)
     if likelihood is not None:
         noise = noise + likelihood.noise_scale.to(mean.dtype) ** 2
+    elif isinstance(head, ExactLinear):  # an exact head carries its fitted noise
+        noise = noise + head.noise_variance
+    if mean.shape[-1] == 1:
+        mean, var, noise = mean.squeeze(-1), var.squeeze(-1), noise.squeeze(-1)
     return RegressionPrediction(
         mean=mean, epistemic=var, aleatoric=noise, epistemic_covariance=covariance
     )
@@ -494,8 +512,9 @@ def predict(
             every estimator; through any module, batched where that is exact (see the module
             docstring for the rule), else in a loop of ``S`` calls.
         likelihood: maps outputs to a distribution over targets; ``None`` for a plain regression
-            mean (aleatoric part 0). :class:`~varlin.likelihoods.Bernoulli` or
-            :class:`~varlin.likelihoods.Categorical` give a classification summary.
+            mean (aleatoric part 0; for an exact head, its fitted noise).
+            :class:`~varlin.likelihoods.Bernoulli` or :class:`~varlin.likelihoods.Categorical`
+            give a classification summary.
         method: ``"mc"``; ``"closed_form"`` (exact, for a Bayesian last layer with a Gaussian
             posterior family and a Gaussian likelihood; with a ``"full"``, ``"lowrank"`` or
             ``"matrix_normal"`` head it includes the covariance across outputs,
@@ -531,11 +550,17 @@ def predict(
     split = _last_layer_split(model)
     closed_ok = (
         split is not None
-        and split[1].w_posterior.gaussian
+        and _gaussian_head(split[1])
         and (likelihood is None or isinstance(likelihood, Gaussian))
     )
     if method == "closed_form" or (method == "auto" and closed_ok):
         return _closed_form(model, x, likelihood)
+    if any(isinstance(m, ExactLinear) for m in model.modules()):
+        # Its forward is the posterior mean: sampling the rest would drop its uncertainty.
+        raise ValueError(
+            "the model holds an ExactLinear head, whose predictive is computed in closed form "
+            "only: use method='auto' or 'closed_form' with a Gaussian likelihood (or none)"
+        )
     size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
     outs = [_sample_outputs(model, chunk, num_samples) for chunk in x.split(max(size, 1))]
     return _summarise(torch.cat(outs, dim=1), likelihood)
