@@ -1253,8 +1253,26 @@ def render_conv_markdown(results: dict[str, Any]) -> str:
         for row in targets:
             verdict = "met" if row["met"] else "**missed**"
             lines.append(f"| {row['target']} | {row['value']:.3f} | {row['bound']} | {verdict} |")
-        lines.append("")
+        lines += ["", *_CONV_NOTES, ""]
     return "\n".join(lines)
+
+
+# What bounds each estimator, whatever the implementation (read with the tables above).
+_CONV_NOTES = (
+    "What bounds each row:",
+    "",
+    "- reparameterization: one convolution with a sampled kernel (forward, weight gradient), "
+    "as nn.Conv2d, plus kernel-sized work (noise, softplus, KL) that is ~1% of a step here. "
+    "Every implementation does the same; their differences are within the run-to-run noise of "
+    "a shared machine (a few percent), not a ranking.",
+    "- local: two convolutions (means and variances), forward and weight gradient, and one "
+    "normal per output: B×C×H×W = 4.2 million (64 channels, 32×32) or 2.1 million (128, 16×16) "
+    "per step, from the CPU generator, which is sequential. With more threads the convolutions "
+    "get faster and the normals do not, so the ratio grows with the thread count.",
+    "- flipout: two convolutions, forward and weight gradient, and per-example signs over the "
+    "channels (B×(C_in + C_out) signs); bayesian-torch's Conv2dFlipout draws a sign per input "
+    "and per output element (two full-size uniform tensors).",
+)
 
 
 def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str], *,
