@@ -1,7 +1,7 @@
 """The dependency rule of ARCHITECTURE.md and ``__all__`` in every public module, checked by ast.
 
-The core (``functional, distributions -> posteriors, priors -> kl -> layers -> likelihoods -> elbo
--> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
+The core (``functional, distributions -> posteriors, priors -> kl -> layers -> conv, likelihoods
+-> elbo -> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
 ``data``, ``plots``, ``cli``), and within the core a module imports only modules before it in that
 order. Imports are read from the source with :mod:`ast`, so lazy imports inside functions count
 too.
@@ -27,6 +27,7 @@ CORE_LAYERS = {
     "priors": 2,
     "kl": 3,
     "layers": 4,
+    "conv": 5,
     "likelihoods": 5,
     "elbo": 6,
     # Below predictive and convert: its exact head (ExactLinear) is what the closed-form

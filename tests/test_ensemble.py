@@ -30,7 +30,13 @@ from varlin.elbo import ELBO
 from varlin.ensemble import StackedModels, fit_ensemble
 from varlin.errors import CheckpointError, NonFiniteLossError, VarlinWarning
 from varlin.history import History
-from varlin.likelihoods import Bernoulli, Gaussian, HeteroscedasticGaussian, Likelihood
+from varlin.likelihoods import (
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    HeteroscedasticGaussian,
+    Likelihood,
+)
 
 ESTIMATORS = ("local", "flipout", "reparameterization")
 DATA = [make_regression_1d(48, seed=s, heteroscedastic=False) for s in range(3)]  # 3 x 16 rows
@@ -226,6 +232,33 @@ def test_stacked_radial_models_equal_separate_fits(estimator: str) -> None:
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def _cnn(estimator: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        varlin.VariationalConv2d(1, 2, 3, estimator=estimator, init_scale=0.1),
+        nn.ReLU(),
+        nn.Flatten(),
+        varlin.VariationalLinear(32, 3, estimator=estimator),
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_one_stacked_convolutional_model_is_fit_with_real_noise(estimator: str) -> None:
+    """Convolutions too run under the stacked route unchanged (K = 1: fit's numbers)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 6, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    model, ref = _cnn(estimator), _cnn(estimator)
+    torch.manual_seed(7)
+    _quiet(lambda: fit_ensemble([model], x, y, likelihoods=[Categorical()], seeds=[3], **OPTIONS))
+    torch.manual_seed(7)
+    _quiet(lambda: varlin.fit(ref, x, y, likelihood=Categorical(), seed=3, **OPTIONS))
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert not torch.allclose(_cnn(estimator)[0].w_posterior.loc, model[0].w_posterior.loc)
 
 
 # ---------------------------------------------------------------------------------------------

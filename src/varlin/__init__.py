@@ -6,6 +6,7 @@ to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math
 
 from . import (
     conjugate,
+    conv,
     convert,
     ensemble,
     functional,
@@ -17,6 +18,7 @@ from . import (
 )
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
+from .conv import VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .ensemble import fit_ensemble
@@ -51,9 +53,13 @@ __all__ = [
     "LinearVariationalNormal",
     "MeanFieldNormal",
     "VariationalLinear",
+    "VariationalConv1d",
+    "VariationalConv2d",
+    "VariationalConv3d",
     "bayesian_last_layer",
     "bayesian_last_layer_",
     "conjugate",
+    "conv",
     "convert",
     "deterministic",
     "functional",

@@ -264,27 +264,17 @@ def build_model(in_features: int, config: UCIConfig) -> nn.Sequential:
     """
     out = 2 if config.likelihood == "heteroscedastic" else 1
     prior = priors.normal(config.prior_scale)
+    options: dict[str, Any] = {
+        "estimator": config.estimator,
+        "posterior": config.posterior,
+        "rank": config.rank,
+        "init_scale": config.init_scale,
+        "make_weights_prior": prior,
+        "make_bias_prior": prior,
+    }
     layers = [
-        VariationalLinear(
-            in_features,
-            config.hidden,
-            estimator=config.estimator,
-            posterior=config.posterior,  # type: ignore[arg-type]
-            rank=config.rank,
-            init_scale=config.init_scale,
-            make_weights_prior=prior,
-            make_bias_prior=prior,
-        ),
-        VariationalLinear(
-            config.hidden,
-            out,
-            estimator=config.estimator,
-            posterior=config.posterior,  # type: ignore[arg-type]
-            rank=config.rank,
-            init_scale=config.init_scale,
-            make_weights_prior=prior,
-            make_bias_prior=prior,
-        ),
+        VariationalLinear(in_features, config.hidden, **options),
+        VariationalLinear(config.hidden, out, **options),
     ]
     if out == 2:
         # The bias mean as the family exposes it (its own factor, or a row of the family's).
