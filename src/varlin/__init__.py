@@ -4,7 +4,7 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, convert, functional, kl, likelihoods, metrics, posteriors, priors
+from . import conjugate, convert, functional, kl, likelihoods, metrics, moments, posteriors, priors
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
 from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
@@ -32,6 +32,7 @@ __all__ = [
     "fit",
     "likelihoods",
     "metrics",
+    "moments",
     "predict",
     "to_variational",
     "to_variational_",
