@@ -1,10 +1,10 @@
 """The dependency rule of ARCHITECTURE.md and ``__all__`` in every public module, checked by ast.
 
-The core (``functional, distributions -> posteriors, priors -> kl -> layers -> likelihoods -> elbo,
-moments -> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
-``data``, ``plots``, ``cli``), and within the core a module imports only modules before it in that
-order. Imports are read from the source with :mod:`ast`, so lazy imports inside functions count
-too.
+The core (``functional, distributions -> posteriors, priors -> kl -> layers -> conv, likelihoods
+-> elbo, moments -> predictive -> metrics, conjugate, convert``) never imports the outer ring
+(``training``, ``data``, ``plots``, ``cli``), and within the core a module imports only modules
+before it in that order. Imports are read from the source with :mod:`ast`, so lazy imports
+inside functions count too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ CORE_LAYERS = {
     "priors": 2,
     "kl": 3,
     "layers": 4,
+    "conv": 5,
     "likelihoods": 5,
     "elbo": 6,
     "moments": 6,

@@ -4,9 +4,21 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, convert, functional, kl, likelihoods, metrics, moments, posteriors, priors
+from . import (
+    conjugate,
+    conv,
+    convert,
+    functional,
+    kl,
+    likelihoods,
+    metrics,
+    moments,
+    posteriors,
+    priors,
+)
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
+from .conv import VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
 from .layers import (
@@ -39,9 +51,13 @@ __all__ = [
     "LinearVariationalNormal",
     "MeanFieldNormal",
     "VariationalLinear",
+    "VariationalConv1d",
+    "VariationalConv2d",
+    "VariationalConv3d",
     "bayesian_last_layer",
     "bayesian_last_layer_",
     "conjugate",
+    "conv",
     "convert",
     "deterministic",
     "functional",

@@ -53,6 +53,7 @@ from torch.distributions import Distribution, MultivariateNormal, Normal
 
 from . import _validation as V
 from .conjugate import ExactLinear
+from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 from .moments import COVARIANCES, propagate
@@ -363,14 +364,23 @@ def _sample_outputs(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
 _Head = BayesianLinearBase | ExactLinear
 
 
+def _head(module: nn.Module) -> bool:
+    # A convolution is a variational linear map too, but its output is not (N, out): Monte Carlo.
+    return isinstance(module, (BayesianLinearBase, ExactLinear)) and not isinstance(
+        module, BayesianConvBase
+    )
+
+
 def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
     """``(features, head)`` if the model's only Bayesian layer is its last module (a
-    variational layer, or an exact head fitted in closed form)."""
-    if isinstance(model, (BayesianLinearBase, ExactLinear)):
+    variational linear layer, or an exact head fitted in closed form)."""
+    if _head(model):
+        assert isinstance(model, (BayesianLinearBase, ExactLinear))
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(model[:-1]):
+        if _head(head) and not _has_bayesian(model[:-1]):
+            assert isinstance(head, (BayesianLinearBase, ExactLinear))
             return model[:-1], head
     return None
 
