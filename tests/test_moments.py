@@ -497,7 +497,12 @@ class _Custom(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "name"),
-    [(nn.Softmax(-1), "Softmax"), (nn.Conv1d(1, 1, 1), "Conv1d"), (_Custom(), "_Custom")],
+    [
+        (nn.Softmax(-1), "Softmax"),
+        (nn.Conv1d(1, 1, 1), "Conv1d"),
+        (varlin.VariationalConv1d(1, 1, 1), "VariationalConv1d"),
+        (_Custom(), "_Custom"),
+    ],
 )
 def test_unsupported_modules_are_named(module: nn.Module, name: str) -> None:
     net = nn.Sequential(varlin.VariationalLinear(3, 3), module)

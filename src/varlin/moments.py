@@ -70,6 +70,7 @@ from torch.special import ndtr
 
 from . import _validation as V
 from ._quadrature import bivariate_excess
+from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers
 
 __all__ = [
@@ -406,9 +407,11 @@ SUPPORTED: tuple[str, ...] = (
 
 
 def _rule_for(module: nn.Module) -> _Rule:
-    for cls, rule in _RULES:
-        if isinstance(module, cls):
-            return rule
+    # A variational convolution is a BayesianLinearBase too, but not a map of feature vectors.
+    if not isinstance(module, BayesianConvBase):
+        for cls, rule in _RULES:
+            if isinstance(module, cls):
+                return rule
     raise TypeError(
         f"propagate has no moment rule for {type(module).__name__}; supported: "
         f"{', '.join(SUPPORTED)}"
