@@ -296,7 +296,7 @@ def render(data: dict[str, Any]) -> str:
     lines = ["# Moment propagation: agreement with Monte Carlo, and cost", ""]
     lines += [
         "Written by `benchmarks/moments.py` from `moments.json`; the method is in "
-        "[the explanation](../explanation.md#11-sampling-free-inference-moment-propagation).",
+        "[the explanation](../explanation.md#12-sampling-free-inference-moment-propagation).",
         "",
     ]
     agree = data.get("agreement")
