@@ -76,6 +76,7 @@ from .layers import BayesianLinearBase, variational_layers
 __all__ = [
     "COVARIANCES",
     "SUPPORTED",
+    "check_model",
     "propagate",
     "relu_moments",
     "relu_covariance",
@@ -435,6 +436,25 @@ def _check_supported(module: nn.Module) -> None:
     _rule_for(module)
 
 
+def check_model(model: nn.Module) -> None:
+    """Raise the error :func:`propagate` would for ``model`` with fixed inputs, without inputs.
+
+    For callers that should fail before any work (``fit(method="moments")``).
+
+    Raises:
+        TypeError: ``model`` is not a module, or one of its modules has no moment rule.
+        ValueError: ``model`` has no variational layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if next(variational_layers(model), None) is None:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no variational layer: there is no weight "
+            "uncertainty to propagate (pass a Normal over x to propagate input noise)"
+        )
+    _check_supported(model)
+
+
 # -- the entry point ----------------------------------------------------------------------------
 def _input_moments(x: Any, full: bool) -> _Moments:
     if isinstance(x, Tensor):
@@ -520,12 +540,10 @@ def propagate(
     V.one_of("covariance", covariance, COVARIANCES)
     full = covariance == "full"
     state = _input_moments(x, full)
-    if isinstance(x, Tensor) and next(variational_layers(model), None) is None:
-        raise ValueError(
-            f"model ({type(model).__name__}) has no variational layer: there is no weight "
-            "uncertainty to propagate (pass a Normal over x to propagate input noise)"
-        )
-    _check_supported(model)
+    if isinstance(x, Tensor):
+        check_model(model)
+    else:
+        _check_supported(model)
     if V.is_validating():
         V.check_finite("x", state.mean)
     state = _walk(model, state, full)

@@ -32,6 +32,7 @@ from ._io import atomic_write
 from .elbo import ELBO
 from .layers import kl_divergence, variational_layers
 from .likelihoods import Likelihood
+from .moments import COVARIANCES, check_model, propagate
 from .predictive import ClassificationPrediction, predict
 
 __all__ = [
@@ -182,6 +183,10 @@ def _output(model: nn.Module, x: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+#: The values of ``fit``'s ``method``: a Monte Carlo ELBO, or the moment-propagation one.
+METHODS = ("mc", "moments")
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Inside ``fit``, SIGTERM stops training like Ctrl-C; the checkpoint on disk stays usable."""
@@ -321,9 +326,18 @@ def _diagnose(
 
 
 def _evaluate(
-    model: nn.Module, likelihood: Likelihood, x: Tensor, y: Tensor, num_samples: int
+    model: nn.Module,
+    likelihood: Likelihood,
+    x: Tensor,
+    y: Tensor,
+    num_samples: int,
+    method: str = "mc",
+    covariance: str = "diagonal",
 ) -> dict[str, float]:
-    pred = predict(model, x, num_samples=num_samples, likelihood=likelihood, method="mc")
+    pred = predict(
+        model, x, num_samples=num_samples, likelihood=likelihood, method=method,  # type: ignore[arg-type]
+        covariance=covariance,  # type: ignore[arg-type]
+    )  # fmt: skip
     out = {"val_nll": float(pred.nll(y))}
     if isinstance(pred, ClassificationPrediction):
         out["val_accuracy"] = float((pred.classes == y.long()).float().mean())
@@ -371,6 +385,8 @@ def fit(
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    method: str = "mc",
+    covariance: str = "diagonal",
 ) -> History:
     """Train ``model`` (and the likelihood's parameters) by minimising the negative ELBO.
 
@@ -402,6 +418,14 @@ def fit(
         seed: seeds the shuffling generator (the layers' noise comes from their own generators,
             or torch's default one, whose state the checkpoint also saves).
         progress: show a tqdm progress bar with the per-datum ELBO, the NLL and the KL.
+        method: ``"mc"``: the expected log-likelihood from the model's sampled output (its
+            layers' estimators); ``"moments"``: from the Gaussian over the outputs that
+            :func:`varlin.moments.propagate` pushes through the model, in closed form for
+            Gaussian likelihoods (deterministic loss and gradients, Wu et al. 2019), by sampling
+            the logits only for classification; the validation predictive is then
+            ``predict(method="moments")`` too.
+        covariance: with ``method="moments"``: ``"diagonal"`` or ``"full"`` (see
+            :func:`varlin.moments.propagate`).
 
     Returns:
         :class:`History`, one record per epoch.
@@ -431,6 +455,14 @@ def fit(
         if validation is None:
             raise ValueError("patience needs validation data: pass validation=(x_val, y_val)")
     val_samples = V.positive_int("val_samples", val_samples)
+    V.one_of("method", method, METHODS)
+    V.one_of("covariance", covariance, COVARIANCES)
+    if covariance != "diagonal" and method != "moments":
+        raise ValueError(
+            f"covariance={covariance!r} applies only to method='moments', got method={method!r}"
+        )
+    if method == "moments":
+        check_model(model)
     seed = V.integer("seed", seed)
     resume = V.boolean("resume", resume)
     progress = V.boolean("progress", progress)
@@ -641,9 +673,12 @@ def fit(
                 for xb, yb in batches:
                     xb, yb = xb.to(device), yb.to(device)
                     opt.zero_grad(set_to_none=True)
-                    terms = elbo.terms(
-                        _output(model, xb), yb, kl_divergence(model), beta=epoch_beta
+                    output = (
+                        propagate(model, xb, covariance=covariance)
+                        if method == "moments"
+                        else _output(model, xb)
                     )
+                    terms = elbo.terms(output, yb, kl_divergence(model), beta=epoch_beta)
                     if not bool(torch.isfinite(terms.loss)):
                         loss, nll, kl = (float(t.detach()) for t in terms[:3])
                         restore_and_raise(
@@ -676,7 +711,9 @@ def fit(
                 }
                 if validation is not None:
                     model.eval()
-                    record.update(_evaluate(model, likelihood, *validation, val_samples))
+                    record.update(
+                        _evaluate(model, likelihood, *validation, val_samples, method, covariance)
+                    )
                     model.train()
                     if best is None or record["val_nll"] < best["val_nll"]:
                         best = {"val_nll": record["val_nll"], "epoch": epoch, **snapshot()}
