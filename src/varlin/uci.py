@@ -112,6 +112,10 @@ class UCIConfig:
         trainer: ``"stacked"`` trains the splits of one worker together, as one batch of
             independent models (:func:`train_stacked`); ``"fit"`` trains each split with
             :func:`varlin.fit`. Same model, objective, optimiser and schedule.
+        method: ``"mc"``: the Monte Carlo ELBO and a ``test_samples``-sample predictive;
+            ``"moments"``: ``fit(method="moments")`` and ``predict(method="moments")`` (moment
+            propagation, no weight sampled; trained with :func:`varlin.fit` per split).
+        covariance: with ``method="moments"``, ``"diagonal"`` or ``"full"``.
     """
 
     hidden: int
@@ -126,6 +130,8 @@ class UCIConfig:
     test_samples: int = 200
     seed: int = 0
     trainer: Literal["stacked", "fit"] = "stacked"
+    method: Literal["mc", "moments"] = "mc"
+    covariance: Literal["diagonal", "full"] = "diagonal"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,6 +165,8 @@ _OVERRIDES = (
     "test_samples",
     "seed",
     "trainer",
+    "method",
+    "covariance",
 )
 
 
@@ -368,15 +376,22 @@ def score(
     x_eval = torch.as_tensor(split.X_eval, dtype=torch.float32)
     y_eval = torch.as_tensor(split.y_eval, dtype=torch.float64)
     pred = predict(
-        model, x_eval, num_samples=config.test_samples, likelihood=likelihood, batch_size=1024
-    )
+        model, x_eval, num_samples=config.test_samples, likelihood=likelihood, batch_size=1024,
+        method=config.method if config.method == "moments" else "auto",
+        covariance=config.covariance,
+    )  # fmt: skip
     assert isinstance(pred, RegressionPrediction)
+
+    def double(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.double()
+
     pred = RegressionPrediction(
         mean=pred.mean.double(),
         epistemic=pred.epistemic.double(),
         aleatoric=pred.aleatoric.double(),
-        sample_means=None if pred.sample_means is None else pred.sample_means.double(),
-        sample_vars=None if pred.sample_vars is None else pred.sample_vars.double(),
+        sample_means=double(pred.sample_means),
+        sample_vars=double(pred.sample_vars),
+        sample_weights=double(pred.sample_weights),
     )
     ll = original_units_log_likelihood(pred, y_eval, split.y_mean, split.y_std).mean()
     mean = pred.mean * split.y_std + split.y_mean
@@ -401,6 +416,8 @@ def run_split(split: SplitArrays, config: UCIConfig) -> SplitResult:
             optimizer=_adam(config.lr),
             seed=_seed(config, split.index),
             progress=False,
+            method=config.method,
+            covariance=config.covariance,
         )
     notes = tuple(str(w.message) for w in caught if issubclass(w.category, VarlinWarning))
     for w in caught:  # anything else is not ours to swallow
@@ -560,7 +577,7 @@ def _raw_noise(likelihood: Likelihood) -> Tensor:
 def run_group(splits: Sequence[SplitArrays], config: UCIConfig) -> list[SplitResult]:
     """Train and score a group of splits (in one process, one torch thread)."""
     torch.set_num_threads(1)
-    if config.trainer == "fit":
+    if config.trainer == "fit" or config.method == "moments":  # the stacked trainer samples
         return [run_split(s, config) for s in splits]
     started = time.perf_counter()
     trained = train_stacked(splits, config)
@@ -745,6 +762,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "independent models; fit: varlin.fit per split (the reference route, slower)",
     )
     parser.add_argument(
+        "--method",
+        choices=["mc", "moments"],
+        default=None,
+        help="mc (default): Monte Carlo ELBO and predictive; moments: moment propagation for "
+        "both (fit and predict with method='moments')",
+    )
+    parser.add_argument(
+        "--covariance",
+        choices=["diagonal", "full"],
+        default=None,
+        help="with --method moments: the activations' covariance (default diagonal)",
+    )
+    parser.add_argument(
         "--workers", type=V.arg_positive_int, default=1, help="parallel processes, one thread each"
     )
     parser.add_argument(
@@ -770,6 +800,10 @@ def main_from_args(args: argparse.Namespace) -> int:
     """Run ``varlin uci`` with parsed ``args``; print a summary line per dataset; return 0."""
     torch.set_num_threads(1)
     overrides = {name: getattr(args, name, None) for name in _OVERRIDES}
+    if overrides["covariance"] not in (None, "diagonal") and overrides["method"] != "moments":
+        from .cli import CLIError
+
+        raise CLIError(f"--covariance {overrides['covariance']} applies only to --method moments")
     results: dict[str, Any] = {}
     if args.out is not None and Path(args.out).is_file():
         with contextlib.suppress(ValueError, OSError):
