@@ -8,6 +8,7 @@ from . import (
     conjugate,
     conv,
     convert,
+    ensemble,
     functional,
     kl,
     likelihoods,
@@ -21,6 +22,7 @@ from .conjugate import BayesianLinearRegression
 from .conv import VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
+from .ensemble import fit_ensemble
 from .layers import (
     LinearVariationalNormal,
     VariationalLinear,
@@ -42,6 +44,8 @@ __all__ = [
     "History",
     "RegressionPrediction",
     "fit",
+    "fit_ensemble",
+    "ensemble",
     "likelihoods",
     "metrics",
     "moments",
