@@ -32,3 +32,22 @@ def test_agreement_writes_json_and_markdown(tmp_path: Path) -> None:
     # render alone rebuilds the same markdown from the JSON
     assert bench.main(["--json", str(json_path), "--markdown", str(md_path), "render"]) == 0
     assert md_path.read_text() == text
+
+
+def test_uci_render_moments_counts_against_the_published_dvi_columns() -> None:
+    uci = load_script(Path(SCRIPT).parent / "uci.py", "bench_uci")
+
+    def run(values: dict[str, float], splits: int = 20) -> dict[str, dict[str, object]]:
+        return {
+            f: {"test_ll": [v, 0.01], "splits": splits, "seconds": 1.0} for f, v in values.items()
+        }
+
+    het = run({"bostonHousing": -2.405, "yacht": -0.60})  # boston -2.40 at two decimals: above
+    hom = run({"bostonHousing": -2.60, "yacht": -1.30}, splits=5)
+    mc = {"heteroscedastic": run({"bostonHousing": -2.31}), "homoscedastic": {}}
+    text = uci.render_moments({"het": het, "hom": hom}, mc)
+    assert "- heteroscedastic moments (diagonal) at/above heteroscedastic DVI: 1/2; short: " in text
+    assert "yacht (-0.60 vs -0.47)" in text
+    assert "- homoscedastic moments (diagonal) at/above homoscedastic DVI: 1/2" in text
+    assert "| boston | -2.41 | -2.40 ± 0.01 | — | -2.31 ± 0.01 | -2.58 | -2.60 ± 0.01 (5) |" in text
+    assert "- heteroscedastic moments (diagonal) at/above our Monte Carlo model: 0/1" in text
