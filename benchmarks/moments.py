@@ -182,7 +182,7 @@ def agreement(samples: int, seed: int, chunk: int = 50_000) -> list[dict[str, An
 
 
 # -- cost on a UCI split --------------------------------------------------------------------------
-def _uci_cost(args: argparse.Namespace, name: str) -> dict[str, Any]:
+def _uci_cost(args: argparse.Namespace, name: str, likelihood_name: str) -> dict[str, Any]:
     from varlin.data import load_uci
     from varlin.uci import (
         build_likelihood,
@@ -195,7 +195,7 @@ def _uci_cost(args: argparse.Namespace, name: str) -> dict[str, Any]:
     dataset = load_uci(name, data_dir=args.data_dir)
     test_split = prepare_split(dataset, args.split)
     val_split = prepare_split(dataset, args.split, validation=True)
-    config = config_for(dataset, likelihood=args.likelihood, epochs=args.epochs)
+    config = config_for(dataset, likelihood=likelihood_name, epochs=args.epochs)
     methods = [("mc", "diagonal"), ("moments", "diagonal"), ("moments", "full")]
 
     def tensors(split: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -226,7 +226,7 @@ def _uci_cost(args: argparse.Namespace, name: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "dataset": dataset.name,
         "split": args.split,
-        "likelihood": args.likelihood,
+        "likelihood": likelihood_name,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "train_rows": int(test_split.X_train.shape[0]),
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost.add_argument("--data-dir", type=Path, required=True)
     cost.add_argument("--dataset", action="append", required=True)
     cost.add_argument("--split", type=int, default=0)
-    cost.add_argument("--likelihood", default="homoscedastic")
+    cost.add_argument("--likelihood", action="append", default=None)
     cost.add_argument("--epochs", type=int, default=None)
     cost.add_argument("--repeats", type=int, default=5)
     cost.add_argument("--seed", type=int, default=0)
@@ -400,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["agreement"] = {"meta": {**meta, "samples": args.samples, "seed": args.seed},
                              "rows": rows}  # fmt: skip
     elif args.command == "cost":
-        runs = [_uci_cost(args, name) for name in args.dataset]
+        likelihoods = args.likelihood or ["homoscedastic"]
+        runs = [_uci_cost(args, name, lik) for name in args.dataset for lik in likelihoods]
         data["cost"] = {"meta": meta, "runs": runs}
     _save(data, args.json, args.markdown)
     return 0
