@@ -528,7 +528,7 @@ def test_bad_arguments_get_one_line_errors() -> None:
         (
             lambda: propagate(
                 nn.Sequential(nn.Flatten(), *net),
-                Normal(torch.zeros(4, 1, 3), torch.ones(4, 1, 3)),
+                MultivariateNormal(torch.zeros(4, 1, 3), torch.eye(3)),
                 covariance="full",
             ),
             ValueError,
@@ -539,6 +539,13 @@ def test_bad_arguments_get_one_line_errors() -> None:
         with pytest.raises(error, match=match) as info:
             call()
         assert "\n" not in str(info.value)
+    # independent inputs are flattened under "full" too (their covariance is diagonal)
+    flat = propagate(
+        nn.Sequential(nn.Flatten(), *net),
+        Normal(torch.zeros(4, 1, 3), torch.ones(4, 1, 3)),
+        covariance="full",
+    )
+    assert flat.covariance_matrix.shape == (4, 2, 2)
     # input noise through a model without variational layers is allowed
     out = propagate(nn.Sequential(nn.Linear(3, 2)), Normal(x, torch.ones_like(x)))
     assert bool((out.variance > 0).all())

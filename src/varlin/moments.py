@@ -102,10 +102,21 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 class _Moments(NamedTuple):
     """The state between modules: the mean ``(*, D)`` and the variances ``(*, D)`` or the
-    covariance ``(*, D, D)``; ``spread is None`` for a value without randomness."""
+    covariance ``(*, D, D)``; ``spread is None`` for a value without randomness.
+
+    Under ``covariance="full"`` the variances stand for a diagonal covariance until a module
+    correlates the units (a linear map of random inputs, a family that correlates its outputs):
+    exact, and it spares the ``O(D^2)`` rules where every covariance is 0 (the hidden units of a
+    mean-field layer with a fixed input are independent).
+    """
 
     mean: Tensor
     spread: Tensor | None
+
+    @property
+    def matrix(self) -> bool:
+        """Whether ``spread`` is a covariance matrix (not variances)."""
+        return self.spread is not None and self.spread.dim() > self.mean.dim()
 
 
 # -- elementwise moments of a Gaussian through an activation --------------------------------------
@@ -276,14 +287,22 @@ def _identity(module: nn.Module, state: _Moments, full: bool) -> _Moments:
     return state
 
 
+def _carry(weight: Tensor, state: _Moments, full: bool) -> Tensor | None:
+    """The spread of ``x @ weight`` for a fixed ``weight`` ``(in, out)``: ``W^T C W``, or
+    ``v @ W^2`` for variances under ``"diagonal"``; variances become a matrix under ``"full"``."""
+    spread = state.spread
+    if spread is None:
+        return None
+    if state.matrix:
+        return weight.mT @ spread @ weight
+    if full:  # W^T diag(v) W
+        return (weight * spread.unsqueeze(-1)).mT @ weight
+    return spread @ weight.square()
+
+
 def _linear(module: nn.Linear, state: _Moments, full: bool) -> _Moments:
-    weight = module.weight
-    mean = F.linear(state.mean, weight, module.bias)
-    if state.spread is None:
-        return _Moments(mean, None)
-    if full:
-        return _Moments(mean, weight @ state.spread @ weight.T)
-    return _Moments(mean, F.linear(state.spread, weight.square()))
+    mean = F.linear(state.mean, module.weight, module.bias)
+    return _Moments(mean, _carry(module.weight.T, state, full))
 
 
 def _variational(layer: BayesianLinearBase, state: _Moments, full: bool) -> _Moments:
@@ -291,15 +310,17 @@ def _variational(layer: BayesianLinearBase, state: _Moments, full: bool) -> _Mom
     V.same_dtype("the input of a variational layer", state.mean, layer.w_loc)
     if layer._use_mean:  # inside varlin.deterministic(model): the posterior-mean map
         mean = layer.w_posterior.mean_output(state.mean, layer.b_posterior)
-        if state.spread is None:
-            return _Moments(mean, None)
-        w = layer.w_loc
-        spread = w.mT @ state.spread @ w if full else state.spread @ w.square()
-        return _Moments(mean, spread)
-    t = layer._realise()
+        return _Moments(mean, _carry(layer.w_loc, state, full))
+    family, t = layer.w_posterior, layer._realise()
+    if full and state.spread is None and family.independent_outputs:
+        # A fixed input and uncorrelated weight columns: independent outputs, variances suffice.
+        return _Moments(*family.output_moments_random(state.mean, None, t))
+    spread = state.spread
+    if full and spread is not None and not state.matrix:
+        spread = torch.diag_embed(spread)
     return _Moments(
-        *layer.w_posterior.output_moments_random(
-            state.mean, state.spread, t, covariance="full" if full else "diagonal"
+        *family.output_moments_random(
+            state.mean, spread, t, covariance="full" if full else "diagonal"
         )
     )
 
@@ -315,19 +336,19 @@ def _dropout(module: nn.Dropout, state: _Moments, full: bool) -> _Moments:
     if state.spread is None:
         var = torch.zeros_like(state.mean)
     else:
-        var = torch.diagonal(state.spread, dim1=-2, dim2=-1) if full else state.spread
+        var = torch.diagonal(state.spread, dim1=-2, dim2=-1) if state.matrix else state.spread
     out_var = (var + p * state.mean.square()) / (1.0 - p)
-    if not full:
+    if not state.matrix:
         return _Moments(state.mean, out_var)
-    cov = torch.diag_embed(var) if state.spread is None else state.spread
-    return _Moments(state.mean, _with_diagonal(cov, out_var))
+    assert state.spread is not None
+    return _Moments(state.mean, _with_diagonal(state.spread, out_var))
 
 
 def _flatten(module: nn.Flatten, state: _Moments, full: bool) -> _Moments:
     mean = module(state.mean)
     if state.spread is None:
         return _Moments(mean, None)
-    if full:
+    if state.matrix:
         if mean.shape != state.mean.shape:
             raise ValueError(
                 f"covariance='full' needs one vector of features per example, but nn.Flatten("
@@ -341,7 +362,7 @@ def _flatten(module: nn.Flatten, state: _Moments, full: bool) -> _Moments:
 def _relu(module: nn.Module, state: _Moments, full: bool) -> _Moments:
     if state.spread is None:
         return _Moments(F.relu(state.mean), None)
-    if full:
+    if state.matrix:
         return _Moments(*relu_covariance(state.mean, state.spread))
     return _Moments(*relu_moments(state.mean, state.spread))
 
@@ -350,7 +371,7 @@ def _leaky_relu(module: nn.LeakyReLU, state: _Moments, full: bool) -> _Moments:
     slope = float(module.negative_slope)
     if state.spread is None:
         return _Moments(F.leaky_relu(state.mean, slope), None)
-    if not full:
+    if not state.matrix:
         return _Moments(*leaky_relu_moments(state.mean, state.spread, slope)[:2])
     cov = state.spread
     mean, var, cdf = leaky_relu_moments(state.mean, torch.diagonal(cov, dim1=-2, dim2=-1), slope)
@@ -369,7 +390,7 @@ def _smooth(
     def rule(module: nn.Module, state: _Moments, full: bool) -> _Moments:
         if state.spread is None:
             return _Moments(function(state.mean), None)
-        if full:
+        if state.matrix:
             return _Moments(*_smooth_full(state.spread, moments, state.mean))
         return _Moments(*moments(state.mean, state.spread)[:2])
 
@@ -462,9 +483,7 @@ def _input_moments(x: Any, full: bool) -> _Moments:
         if x.dim() == 0:
             raise ValueError(f"x must have shape (N, features), got shape {tuple(x.shape)}")
         return _Moments(x, None)
-    if isinstance(x, Normal):
-        if full:
-            return _Moments(x.mean, torch.diag_embed(x.variance))
+    if isinstance(x, Normal):  # independent inputs: variances, also under "full"
         return _Moments(x.mean, x.variance)
     if isinstance(x, (MultivariateNormal, LowRankMultivariateNormal)):
         if full:
@@ -550,9 +569,9 @@ def propagate(
     spread = state.spread
     if spread is None:  # no randomness reached the output (deterministic mode)
         spread = torch.zeros_like(state.mean)
-        if full:
-            spread = torch.diag_embed(spread)
     if full:
+        if not state.matrix:
+            spread = torch.diag_embed(spread)
         return _multivariate(state.mean, spread)
     scale = spread.clamp_min(torch.finfo(spread.dtype).tiny).sqrt()
     return Normal(state.mean, scale, validate_args=False)

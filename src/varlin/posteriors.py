@@ -105,6 +105,9 @@ class Family(nn.Module):
 
     name: ClassVar[str] = ""
     estimators: ClassVar[tuple[str, ...]] = ()
+    #: Whether the outputs of ``x @ W + b`` are uncorrelated for a fixed ``x`` (the weight
+    #: columns and the bias entries are): moment propagation then keeps variances only.
+    independent_outputs: ClassVar[bool] = False
     gaussian: ClassVar[bool] = True
 
     # -- shape --------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ class MeanFieldNormal(Family):
 
     name = "meanfield"
     estimators = tuple(functional.ESTIMATORS)
+    independent_outputs = True
 
     def __init__(
         self,
@@ -1380,6 +1384,7 @@ class Radial(_Joint):
 
     name = "radial"
     estimators = ("reparameterization", "flipout")
+    independent_outputs = True
     gaussian = False
 
     def _init_spread(self) -> None:
