@@ -281,6 +281,9 @@ def test_family_random_input_moments_match_the_dense_route(family: str, bias: bo
     _, want_diag_cov = _dense_route(layer, mean, torch.diag_embed(diag))
     got_mean, got_var = layer.w_posterior.output_moments_random(mean, diag, t)
     torch.testing.assert_close(got_var, torch.diagonal(want_diag_cov, dim1=-2, dim2=-1))
+    # variances under "full": the covariance of uncorrelated inputs, without forming it
+    _, got_cov = layer.w_posterior.output_moments_random(mean, diag, t, covariance="full")
+    torch.testing.assert_close(got_cov, want_diag_cov, rtol=1e-10, atol=1e-10)
     # a fixed input: the output distribution's own moments
     fixed_mean, fixed_var = layer.w_posterior.output_moments_random(mean, None, t)
     _, want_fixed = _dense_route(layer, mean, torch.zeros_like(cov))

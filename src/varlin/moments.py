@@ -315,12 +315,9 @@ def _variational(layer: BayesianLinearBase, state: _Moments, full: bool) -> _Mom
     if full and state.spread is None and family.independent_outputs:
         # A fixed input and uncorrelated weight columns: independent outputs, variances suffice.
         return _Moments(*family.output_moments_random(state.mean, None, t))
-    spread = state.spread
-    if full and spread is not None and not state.matrix:
-        spread = torch.diag_embed(spread)
     return _Moments(
         *family.output_moments_random(
-            state.mean, spread, t, covariance="full" if full else "diagonal"
+            state.mean, state.spread, t, covariance="full" if full else "diagonal"
         )
     )
 

@@ -256,9 +256,9 @@ class Family(nn.Module):
 
         Args:
             mean: :math:`E[x]`, ``(*, in)``.
-            spread: the variances ``(*, in)`` (``covariance="diagonal"``: the entries of ``x``
-                are taken as uncorrelated), the covariance ``(*, in, in)``
-                (``covariance="full"``), or ``None`` for a fixed input ``x = mean``.
+            spread: the variances ``(*, in)`` (the entries of ``x`` uncorrelated; under
+                ``covariance="diagonal"`` taken so), the covariance ``(*, in, in)``
+                (``covariance="full"`` only), or ``None`` for a fixed input ``x = mean``.
             t: the value of :meth:`realise`.
             covariance: ``"diagonal"`` returns the output variances ``(*, out)``; ``"full"``
                 the output covariance ``(*, out, out)``.
@@ -273,6 +273,9 @@ class Family(nn.Module):
         w_loc, w_std, _, _ = self.marginals(t)
         if not full:
             return out_mean, fixed + spread @ (w_std.square() + w_loc.square())
+        if spread.dim() == mean.dim():  # variances: C = diag(v), without forming it
+            carried = (w_loc * spread.unsqueeze(-1)).mT @ w_loc
+            return out_mean, fixed + self._weight_trace_diagonal(spread, t) + carried
         return out_mean, fixed + self._weight_trace(spread, t) + w_loc.mT @ spread @ w_loc
 
     def _fixed_output_moments(self, x: Tensor, t: Any, *, full: bool) -> tuple[Tensor, Tensor]:
@@ -284,6 +287,10 @@ class Family(nn.Module):
         if isinstance(dist, Normal):
             return dist.mean, torch.diag_embed(dist.variance)
         return dist.mean, dist.covariance_matrix  # type: ignore[attr-defined]
+
+    def _weight_trace_diagonal(self, var: Tensor, t: Any) -> Tensor:
+        """:meth:`_weight_trace` of ``C = diag(var)``, ``var`` ``(*, in)``."""
+        return self._weight_trace(torch.diag_embed(var), t)
 
     def _weight_trace(self, cov: Tensor, t: Any) -> Tensor:
         r""":math:`T(C)_{jk} = \sum_{il} C_{il}\operatorname{Cov}(W_{ij}, W_{lk})` for input
@@ -487,6 +494,9 @@ class MeanFieldNormal(Family):
 
     def _weight_trace(self, cov: Tensor, t: _MeanFieldTensors) -> Tensor:
         return _uncorrelated_trace(cov, t.scale)
+
+    def _weight_trace_diagonal(self, var: Tensor, t: _MeanFieldTensors) -> Tensor:
+        return torch.diag_embed(var @ t.scale.square())
 
     def set_scale(self, scale: Tensor) -> None:
         """Set every entry's standard deviation (a tensor of ``shape``; inverted in float64)."""
@@ -1466,6 +1476,9 @@ class Radial(_Joint):
 
     def _weight_trace(self, cov: Tensor, t: _RadialTensors) -> Tensor:
         return _uncorrelated_trace(cov, self.marginals(t)[1])
+
+    def _weight_trace_diagonal(self, var: Tensor, t: _RadialTensors) -> Tensor:
+        return torch.diag_embed(var @ self.marginals(t)[1].square())
 
     def _noise(
         self, t: _RadialTensors, lead: tuple[int, ...], generator: torch.Generator | None
