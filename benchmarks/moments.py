@@ -309,7 +309,8 @@ def render(data: dict[str, Any]) -> str:
     lines = ["# Moment propagation: agreement with Monte Carlo, and cost", ""]
     lines += [
         "Written by `benchmarks/moments.py` from `moments.json`; the method is in "
-        "[the explanation](../explanation.md#12-sampling-free-inference-moment-propagation).",
+        "[the explanation](../explanation.md#12-sampling-free-inference-moment-propagation); "
+        "the UCI columns are in [uci.md](uci.md#moment-propagation-method-moments-issue-12).",
         "",
     ]
     agree = data.get("agreement")
