@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -90,7 +91,8 @@ TARGETS: dict[str, dict[tuple[str, str], dict[int | None, float]]] = {
         ("train", "varlin.flipout"): {256: 2.7, 1024: 2.6, 2048: 2.2},
         ("train", "varlin.local"): {None: 2.4},
         ("inference", "varlin.reparameterization"): {256: 2.0, 1024: 1.8, 2048: 1.5},
-        ("inference", "varlin.deterministic"): {None: 1.1},
+        # issue 6 asked <= 1.1, issue 17 <= 1.05
+        ("inference", "varlin.deterministic"): {None: 1.05},
     },
     "cuda": {
         ("train", "varlin.reparameterization"): {256: 2.0, 1024: 2.0, 4096: 1.15},
@@ -106,6 +108,18 @@ TARGETS["cpu"].update(
         ("train", "varlin.radial"): {1024: 1.1},
     }
 )
+# Targets of issue 17 (CPU): each estimator's train step within these multiples of its own
+# floor (the bound of the largest listed size at or below the layer's, the smallest otherwise)...
+FLOOR_TARGETS = {256: 1.3, 1024: 1.15}
+# ... and ahead of the best peer with the same estimator by these factors (the median of the
+# per-round ratios peer / varlin).
+LEAD_TARGETS: dict[str, tuple[tuple[str, ...], float]] = {
+    "varlin.reparameterization": (
+        ("bayesian-torch.LinearReparameterization", "blitz.BayesianLinear", "torchbnn.BayesLinear"),
+        1.15,
+    ),
+    "varlin.flipout": (("bayesian-torch.LinearFlipout",), 1.25),
+}
 MEMORY_TARGET = 2.0  # varlin (default prior): (parameters + buffers) / nn.Linear parameters
 MC_TARGET = 2.0  # speed-up of one batched 32-sample call over 32 separate calls
 
@@ -328,6 +342,147 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
     return impls
 
 
+# -- floors (issue 17) ----------------------------------------------------------------------
+FLOOR_PREFIX = "floor: "
+#: varlin's train and inference rows -> the row of their floor (:class:`Floor`).
+FLOOR_OF = {f"varlin.{e}": f"{FLOOR_PREFIX}{e}" for e in VARLIN_ESTIMATORS}
+
+
+def _signs(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Fair ``±1`` signs of ``shape``, eight per random byte (the cheapest draw of B×D signs on a
+    CPU: one generator call per byte, then a table lookup)."""
+    n = math.prod(shape)
+    kwargs: dict[str, Any] = {} if generator is None else {"generator": generator}
+    byte = torch.randint(0, 256, ((n + 7) // 8,), device=like.device, **kwargs)
+    values = torch.arange(256, device=like.device)[:, None]
+    bits = (values >> torch.arange(8, device=like.device)) & 1
+    table = bits.to(like.dtype).mul_(2).sub_(1)
+    return table.index_select(0, byte).view(-1)[:n].view(shape)
+
+
+class Floor:
+    """The least work one estimator's train step (or inference) must do, as plain torch calls.
+
+    A mean-field Normal layer ``y = x @ W + b`` held as four plain tensors (weight mean ``mu``,
+    its ``rho`` with ``sigma = softplus(rho)``, and the bias's two), no module, no argument
+    checks, no autograd: the gradients of ``loss = MSE(y, t) + KL(q || N(0, 1)) / N`` are
+    written out by hand, each elementwise pass the math needs once, and set on the tensors for
+    ``torch.optim.Adam``. What a train step of the estimator needs and nothing more:
+
+    - reparameterization: one in×out normal draw, ``W = mu + sigma * eps``, the GEMMs of
+      ``nn.Linear`` (forward, weight gradient), the KL and its gradient elementwise;
+    - local: two forward GEMMs (mean, variance) and two weight-gradient GEMMs, B×out normals;
+    - flipout: one in×out normal draw, B×(in + out) signs, two forward and two weight-gradient
+      GEMMs.
+
+    The noise is drawn in the order the layer draws it, so with the same seeded generator a
+    floor computes the layer's loss and gradients (tests/test_bench_speed.py checks this).
+    """
+
+    def __init__(self, estimator: str, d_in: int, d_out: int, device: torch.device,
+                 *, init_scale: float = 1e-2, num_data: int = NUM_DATA) -> None:  # fmt: skip
+        self.estimator = estimator
+        bound = 1.0 / math.sqrt(d_in)
+        rho = math.log(math.expm1(init_scale))
+        self.mu = torch.empty(d_in, d_out, device=device).uniform_(-bound, bound)
+        self.rho = torch.full((d_in, d_out), rho, device=device)
+        self.mu_b = torch.empty(d_out, device=device).uniform_(-bound, bound)
+        self.rho_b = torch.full((d_out,), rho, device=device)
+        self.kl_weight = 1.0 / num_data
+        self.generator: torch.Generator | None = None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.mu, self.rho, self.mu_b, self.rho_b]
+
+    def _kl(self, sigma: Tensor, sb: Tensor) -> Tensor:
+        """KL(q || N(0, 1)) summed: 0.5 (sum sigma^2 + mu^2 - 1 - 2 log sigma), over W and b."""
+        total = torch.log(sigma).sum() + torch.log(sb).sum()
+        squares = (sigma.view(-1).dot(sigma.view(-1)) + self.mu.view(-1).dot(self.mu.view(-1))
+                   + sb.dot(sb) + self.mu_b.dot(self.mu_b))  # fmt: skip
+        return 0.5 * (squares - 2 * total - (sigma.numel() + sb.numel()))
+
+    def _add_kl_grads(self, g_mu: Tensor, g_sigma: Tensor, mu: Tensor, sigma: Tensor,
+                      rho: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(d/d mu, d/d rho) of the loss from the sample's gradients: the KL adds ``mu / N`` and
+        ``(sigma - 1/sigma) / N``; ``d sigma / d rho = sigmoid(rho)``."""
+        c = self.kl_weight
+        g_sigma.add_(sigma, alpha=c).sub_(torch.reciprocal(sigma), alpha=c)
+        return g_mu.add_(mu, alpha=c), g_sigma.mul_(torch.sigmoid(rho))
+
+    def loss_and_grads(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The train step's loss and its gradients for (mu, rho, mu_b, rho_b)."""
+        gen = self.generator
+        kwargs: dict[str, Any] = {} if gen is None else {"generator": gen}
+        mu, mu_b = self.mu, self.mu_b
+        sigma, sb = F.softplus(self.rho), F.softplus(self.rho_b)
+        if self.estimator == "local":
+            x2 = x * x
+            mean = torch.addmm(mu_b, x, mu)
+            std = torch.addmm(sb * sb, x2, sigma * sigma).sqrt_()
+            eps = torch.randn(mean.shape, device=x.device, **kwargs)
+            r = torch.addcmul(mean, std, eps).sub_(t)
+        else:
+            eps = torch.randn(mu.shape, device=x.device, **kwargs)
+            if self.estimator == "flipout":
+                sign_in = _signs(tuple(x.shape), gen, x)
+                sign_out = _signs((x.shape[0], mu.shape[1]), gen, x)
+            eps_b = torch.randn(mu_b.shape, device=x.device, **kwargs)
+            if self.estimator == "reparameterization":
+                w, b = torch.addcmul(mu, sigma, eps), torch.addcmul(mu_b, sb, eps_b)
+                r = torch.addmm(b, x, w).sub_(t)
+            else:
+                xs = x * sign_in
+                p = torch.addmm(sb * eps_b, xs, sigma * eps)
+                r = torch.addcmul(torch.addmm(mu_b, x, mu), p, sign_out).sub_(t)
+        flat = r.view(-1)
+        loss = flat.dot(flat) / flat.numel() + self.kl_weight * self._kl(sigma, sb)
+        g = r.mul_(2.0 / flat.numel())  # d loss / d y
+        g_mu, g_mu_b = torch.mm(x.t(), g), g.sum(0)
+        if self.estimator == "reparameterization":
+            g_sigma, g_sb = g_mu * eps, g_mu_b * eps_b
+        elif self.estimator == "local":
+            h = g.mul_(eps).div_(std)  # 2 d loss / d var
+            g_sigma = torch.mm(x2.t(), h).mul_(sigma)
+            g_sb = h.sum(0).mul_(sb)
+        else:
+            gp = g.mul_(sign_out)
+            g_sigma, g_sb = torch.mm(xs.t(), gp).mul_(eps), gp.sum(0).mul_(eps_b)
+        g_mu, g_rho = self._add_kl_grads(g_mu, g_sigma, mu, sigma, self.rho)
+        g_mu_b, g_rho_b = self._add_kl_grads(g_mu_b, g_sb, mu_b, sb, self.rho_b)
+        return loss, [g_mu, g_rho, g_mu_b, g_rho_b]
+
+    def train_step(self, opt: torch.optim.Optimizer, x: Tensor, t: Tensor) -> Tensor:
+        loss, grads = self.loss_and_grads(x, t)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        return loss
+
+    def infer(self, x: Tensor) -> Tensor:
+        """One stochastic output, the least work for the estimator (no gradients)."""
+        gen = self.generator
+        kwargs: dict[str, Any] = {} if gen is None else {"generator": gen}
+        sigma = F.softplus(self.rho)
+        if self.estimator == "local":
+            sb = F.softplus(self.rho_b)
+            mean = torch.addmm(self.mu_b, x, self.mu)
+            std = torch.addmm(sb.mul_(sb), x * x, sigma.mul_(sigma)).sqrt_()
+            eps = torch.randn(mean.shape, device=x.device, **kwargs)
+            return mean.addcmul_(std, eps)
+        eps = torch.randn(self.mu.shape, device=x.device, **kwargs)
+        if self.estimator == "flipout":
+            sign_in = _signs(tuple(x.shape), gen, x)
+            sign_out = _signs((x.shape[0], self.mu.shape[1]), gen, x)
+        eps_b = torch.randn(self.mu_b.shape, device=x.device, **kwargs)
+        sb = F.softplus(self.rho_b)
+        if self.estimator == "reparameterization":
+            b = torch.addcmul(self.mu_b, sb, eps_b)
+            return torch.addmm(b, x, torch.addcmul(self.mu, sigma, eps))
+        p = torch.addmm(sb.mul_(eps_b), x * sign_in, sigma.mul_(eps))
+        return torch.addmm(self.mu_b, x, self.mu).addcmul_(p, sign_out)
+
+
 # -- timing ---------------------------------------------------------------------------------
 class Timer:
     def __init__(self, device: torch.device) -> None:
@@ -390,8 +545,13 @@ def _interleave(
     timer: Timer,
     rounds: int,
     repeat: int,
+    floors: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Time every call in ``rounds`` rotating rounds; medians and per-round ratios."""
+    """Time every call in ``rounds`` rotating rounds; medians and per-round ratios.
+
+    ``floors`` maps a key to the key of its floor (issue 17): where both were timed, the entry
+    also gets ``floor`` and ``floor_ratio``, the median of the per-round ratios to it.
+    """
     keys = list(calls)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(rounds):
@@ -409,6 +569,10 @@ def _interleave(
             "baseline": baselines[key],
             "times_ms": [round(1e3 * s, 4) for s in times[key]],
         }
+        floor = (floors or {}).get(key)
+        if floor in times:
+            per_round = [a / b for a, b in zip(times[key], times[floor], strict=True)]
+            out[key].update(floor=floor, floor_ratio=statistics.median(per_round))
     return out
 
 
@@ -481,6 +645,15 @@ def run_size(
             continue
         train_calls[impl.key] = step
         baselines[impl.key] = impl.baseline
+        floor_key = FLOOR_OF.get(impl.key)
+        if floor_key is not None:
+            # The estimator's floor, next to it in every round (same optimizer options).
+            floor = Floor(floor_key[len(FLOOR_PREFIX) :], d, d, device)
+            floor_opt = torch.optim.Adam(floor.params, lr=1e-3, **impl.adam)
+            floor_step = functools.partial(floor.train_step, floor_opt, x, target)
+            for _ in range(warmup):
+                floor_step()
+            train_calls[floor_key], baselines[floor_key] = floor_step, "nn.Linear"
         if impl.key in ADAM_REFERENCES:
             # The optimizer's share of the step (grads stay set between steps).
             train_calls[ADAM_REFERENCES[impl.key]] = opt.step
@@ -494,7 +667,7 @@ def run_size(
             memory[impl.key] = _memory(model, opt)
     repeat = _calibrate(train_calls["nn.Linear"], timer, min_seconds)
     no_ctx = {k: (lambda: None) for k in train_calls}
-    train = _interleave(train_calls, no_ctx, baselines, timer, rounds, repeat)
+    train = _interleave(train_calls, no_ctx, baselines, timer, rounds, repeat, FLOOR_OF)
 
     # Single-sample inference.
     infer_calls: dict[str, Callable[[], Any]] = {}
@@ -519,10 +692,17 @@ def run_size(
             continue
         contexts[impl.key] = context
         infer_calls[impl.key] = call
+        floor_key = FLOOR_OF.get(impl.key)
+        if floor_key is not None:
+            floor = Floor(floor_key[len(FLOOR_PREFIX) :], d, d, device)
+            infer_calls[floor_key] = functools.partial(floor.infer, x)
+            contexts[floor_key] = lambda: None
     repeat = _calibrate(infer_calls["nn.Linear"], timer, min_seconds)
+    # The posterior-mean mode's floor is nn.Linear itself.
     inference = _interleave(
-        infer_calls, contexts, {k: "nn.Linear" for k in infer_calls}, timer, rounds, repeat
-    )
+        infer_calls, contexts, {k: "nn.Linear" for k in infer_calls}, timer, rounds, repeat,
+        {**FLOOR_OF, "varlin.deterministic": "nn.Linear"},
+    )  # fmt: skip
 
     # Memory ratios: against nn.Linear's parameters (the issue's target) and its full footprint.
     base = memory["nn.Linear"]
@@ -682,6 +862,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "by": value - MEMORY_TARGET,
                 }
             )
+    if device == "cpu":
+        rows += _floor_and_lead_targets(results["sizes"])
     mc = results.get("mc_prediction")
     if mc:
         for estimator in VARLIN_ESTIMATORS:
@@ -700,6 +882,78 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _floor_bound(d: int) -> float:
+    fitting = [size for size in FLOOR_TARGETS if size <= d]
+    return FLOOR_TARGETS[max(fitting) if fitting else min(FLOOR_TARGETS)]
+
+
+def _floor_and_lead_targets(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 17: train step / own floor, and the lead over the best peer (same estimator)."""
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        d, train = size["in_features"], size["train"]
+        for key in FLOOR_OF:
+            entry = train.get(key)
+            if entry is None or "floor_ratio" not in entry:
+                continue
+            bound = _floor_bound(d)
+            rows.append({
+                "target": f"train {key} / its floor at {d}", "section": "floor", "impl": key,
+                "size": d, "value": entry["floor_ratio"], "bound": f"<= {bound}",
+                "met": entry["floor_ratio"] <= bound, "by": entry["floor_ratio"] - bound,
+            })  # fmt: skip
+        for key, (peers, bound) in LEAD_TARGETS.items():
+            present = [p for p in peers if p in train]
+            if key not in train or not present:
+                continue
+            mine = train[key]["times_ms"]
+            leads = {
+                p: statistics.median(a / b for a, b in zip(train[p]["times_ms"], mine, strict=True))
+                for p in present
+            }
+            best = min(leads, key=leads.__getitem__)
+            rows.append({
+                "target": f"train {key} ahead of the best peer ({best}) at {d}",
+                "section": "lead", "impl": key, "size": d, "value": leads[best],
+                "bound": f">= {bound} (peer / varlin)", "met": leads[best] >= bound,
+                "by": bound - leads[best],
+            })  # fmt: skip
+    return rows
+
+
+def _fmt_floors(sizes: list[dict[str, Any]]) -> list[str]:
+    """Each estimator as a multiple of its own floor (median of per-round ratios)."""
+    heads = [f"{s['in_features']}×{s['out_features']}, batch {s['batch']}" for s in sizes]
+    rows = []
+    for section in ("train", "inference"):
+        keys: list[str] = []
+        for s in sizes:
+            keys += [k for k, e in s[section].items() if "floor_ratio" in e and k not in keys]
+        for key in keys:
+            cells = []
+            for s in sizes:
+                e = s[section].get(key, {})
+                ratio = e.get("floor_ratio")
+                cells.append("—" if ratio is None else f"{ratio:.2f}×")
+            floor = next(s[section][key]["floor"] for s in sizes if key in s[section])
+            rows.append(f"| {section} {key} (vs {floor}) | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "| × own floor (median of per-round ratios) | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(sizes),
+        *rows,
+        "",
+        "A floor row (`floor: <estimator>`) is the least work the estimator's step needs, as "
+        "plain torch calls on four tensors: no module, no argument checks, no autograd (the "
+        "gradients of MSE + KL / N written out by hand), the noise drawn as the layer draws it, "
+        "the same torch.optim.Adam; `tests/test_bench_speed.py` checks that each floor computes "
+        "the layer's loss and gradients for the same noise. The posterior-mean mode's floor is "
+        "nn.Linear.",
+        "",
+    ]
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -858,6 +1112,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`varlin.deterministic` is the posterior-mean mode (`with varlin.deterministic(layer)`).",
         "",
     ]
+    lines += _fmt_floors(sizes)
     lines += _fmt_memory(sizes) + [""]
     if any(k.startswith("varlin.lowrank") for s in sizes for k in s["train"]):
         lines += [
@@ -887,7 +1142,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     targets = evaluate_targets(results)  # from the measurements, also for older JSON files
     if targets:
-        lines += ["| target (issues 6, 11) | measured | bound | |", "|---|---:|---|---|"]
+        lines += ["| target (issues 6, 11, 17) | measured | bound | |", "|---|---:|---|---|"]
         for row in targets:
             verdict = "met" if row["met"] else f"**missed** by {row['by']:.2f}"
             lines.append(f"| {row['target']} | {row['value']:.3f} | {row['bound']} | {verdict} |")
