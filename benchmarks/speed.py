@@ -34,6 +34,18 @@ Usage::
     python benchmarks/speed.py --quick --out /tmp/s # smoke test, a few seconds
     python benchmarks/speed.py --render-only        # rebuild speed.md from the JSON files
     python benchmarks/speed.py --conv               # the convolution table only
+    python benchmarks/speed.py --profile            # per-op profiles -> speed_profile.{json,md}
+    python benchmarks/speed.py --before /tmp/old/src --before-label 'main abc1234'
+    python benchmarks/speed.py --device cuda --variants graph compile
+
+Floors (issue 17): next to each of varlin's estimators, a ``floor: <estimator>`` row times the
+least work that estimator's step needs as plain torch calls (:class:`Floor`: four tensors, the
+gradients written out by hand, the same Adam); varlin's rows are reported as a ratio to it as
+well as to nn.Linear. ``--before SRC`` times a second copy of varlin (an older checkout's
+``src``) in the same rounds, for a before/after table from one process. ``--variants`` adds
+rows for a CUDA graph of the whole step (``graph``, GPU only) and ``torch.compile``
+(``compile``), each against nn.Linear with the same variant. ``--profile`` writes
+``torch.profiler`` per-op tables of the train steps (nn.Linear, each estimator, each floor).
 
 The convolution table (issue 13, ``--conv``, ``speed_conv.json``): 3×3 convolutions, channels to
 channels, at 64 channels on 32×32 inputs and 128 channels on 16×16 (batch 64); train step and
@@ -47,8 +59,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import varlin
+from varlin._io import atomic_write
 from varlin.layers import weight_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +110,8 @@ TARGETS: dict[str, dict[tuple[str, str], dict[int | None, float]]] = {
         ("inference", "varlin.deterministic"): {None: 1.05},
     },
     "cuda": {
-        ("train", "varlin.reparameterization"): {256: 2.0, 1024: 2.0, 4096: 1.15},
+        ("train", f"varlin.reparameterization{suffix}"): {256: 2.0, 1024: 2.0, 4096: 1.15}
+        for suffix in ("", " [graph]", " [compile]")  # variants: vs nn.Linear, same variant
     },
 }
 # Targets of issue 11 (posterior families): ratios to the mean-field step, same estimator.
@@ -145,6 +161,7 @@ class Impl:
     baseline: str = "nn.Linear"  # the key its ratios are taken against
     infer_context: Callable[[nn.Module], contextlib.AbstractContextManager[Any]] | None = None
     peer: bool = False  # a peer that fails on this device is skipped with a note
+    variant: str | None = None  # "graph" (CUDA graph) or "compile" (torch.compile): VARIANTS
 
 
 def _linear_impls() -> list[Impl]:
@@ -342,6 +359,148 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
     return impls
 
 
+# -- before and after, one process (issue 17) -----------------------------------------------
+BEFORE_PREFIX = "before: "
+
+
+def _load_before(src: Path) -> Any:
+    """The varlin package of the source tree ``src`` (an older checkout's ``src``), imported
+    as ``varlin_before`` beside this one, so that both are timed in the same rounds."""
+    init = src / "varlin" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--before: no varlin package in {src} (expected {init})")
+    spec = importlib.util.spec_from_file_location(
+        "varlin_before", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its relative imports resolve through this name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _before_impls(old: Any) -> list[Impl]:
+    """varlin's estimator rows (train and inference) built from the package ``old``."""
+    impls = []
+    for estimator in VARLIN_ESTIMATORS:
+        impls.append(Impl(
+            f"{BEFORE_PREFIX}varlin.{estimator}",
+            lambda d_in, d_out, device, e=estimator: old.LinearVariationalNormal(
+                d_in, d_out, estimator=e, device=device),
+            lambda m, x: m(x, kl_weight=1.0 / NUM_DATA), None,
+        ))  # fmt: skip
+    for estimator in VARLIN_ESTIMATORS:
+        impls.append(Impl(
+            f"{BEFORE_PREFIX}varlin.{estimator}",
+            lambda d_in, d_out, device, e=estimator: old.VariationalLinear(
+                d_in, d_out, estimator=e, device=device),
+            None, lambda m, x: m(x),
+        ))  # fmt: skip
+    return impls
+
+
+def render_same_process(results: dict[str, Any]) -> list[str]:
+    """Before → after of varlin's rows timed in the same rounds (``--before``)."""
+    before = results.get("before")
+    sizes = results["sizes"]
+    if not before or not sizes:
+        return []
+    heads = [f"{s['in_features']}×{s['out_features']}, batch {s['batch']}" for s in sizes]
+    lines = [
+        f"Before and after in the same process: `{before['label']}` (imported from "
+        f"`{before['path']}` as a second package) and this page's code, timed in the same "
+        "interleaved rounds. Each cell: ratio to nn.Linear before → after; in brackets the "
+        "median of the per-round ratios after / before (below 1: faster now).",
+        "",
+        "| × nn.Linear, before → after (after / before) | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for section in ("train", "inference"):
+        for estimator in VARLIN_ESTIMATORS:
+            key = f"varlin.{estimator}"
+            cells = []
+            for s in sizes:
+                a, b = s[section].get(key), s[section].get(BEFORE_PREFIX + key)
+                if a is None or b is None:
+                    cells.append("—")
+                    continue
+                speed = statistics.median(
+                    x / y for x, y in zip(a["times_ms"], b["times_ms"], strict=True)
+                )
+                cells.append(f"{b['ratio']:.2f} → {a['ratio']:.2f} ({speed:.2f})")
+            lines.append(f"| {section} {key} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+# -- GPU variants (issue 17) ----------------------------------------------------------------
+#: ``--variants``: extra rows for nn.Linear and varlin's estimators, each timed against
+#: nn.Linear with the same variant ("nn.Linear [graph]"). "graph": the whole train step
+#: (forward, backward, Adam with ``capturable=True``) or the inference forward captured once
+#: in a CUDA graph and replayed; "compile": the module under ``torch.compile`` (default mode).
+VARIANTS = ("graph", "compile")
+
+
+def _variant_impls(variants: Sequence[str]) -> list[Impl]:
+    """Copies of nn.Linear's and varlin's estimator rows for each of ``variants``."""
+    bases = [i for i in _linear_impls() if i.key == "nn.Linear"]
+    bases += [i for i in _varlin_impls() if i.key in FLOOR_OF]
+    return [
+        dataclasses.replace(base, key=f"{base.key} [{variant}]",
+                            baseline=f"nn.Linear [{variant}]", variant=variant)
+        for variant in variants
+        for base in bases
+    ]  # fmt: skip
+
+
+def _check_variants(variants: Sequence[str], device: torch.device) -> None:
+    if "graph" in variants and device.type != "cuda":
+        raise SystemExit("--variants graph: CUDA graphs need --device cuda")
+
+
+def _cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once in a CUDA graph (after ``warmup`` on a side stream); its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            warmup()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _variant_train_step(impl: Impl, model: nn.Module, x: Tensor, t: Tensor) -> tuple[
+    Callable[[], None], torch.optim.Optimizer
+]:  # fmt: skip
+    """The train step of a ``--variants`` row (and its optimizer)."""
+    if impl.variant == "compile":
+        model = torch.compile(model)
+    capturable = {"capturable": True} if impl.variant == "graph" else {}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **impl.adam, **capturable)
+    step = _train_step(impl, model, opt, x, t)
+    if impl.variant != "graph":
+        return step, opt
+    # As torch's whole-network capture: warm up, drop the gradients, capture forward, backward
+    # and the optimizer step; each replay rewrites the same gradient buffers.
+    captured = _train_step(impl, model, opt, x, t, zero_grad=False)
+
+    def capture() -> None:
+        opt.zero_grad(set_to_none=True)
+        captured()
+
+    replay = _cuda_graph(capture, step)
+    return replay, opt
+
+
+def _variant_infer_call(impl: Impl, model: nn.Module, x: Tensor) -> Callable[[], Any]:
+    if impl.variant == "compile":
+        return _infer_call(impl, torch.compile(model), x)
+    call = _infer_call(impl, model, x)
+    return _cuda_graph(call, call) if impl.variant == "graph" else call
+
+
 # -- floors (issue 17) ----------------------------------------------------------------------
 FLOOR_PREFIX = "floor: "
 #: varlin's train and inference rows -> the row of their floor (:class:`Floor`).
@@ -502,12 +661,21 @@ class Timer:
         return (time.perf_counter() - start) / repeat
 
 
-def _train_step(impl: Impl, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, t: Tensor):
+def _train_step(
+    impl: Impl,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    t: Tensor,
+    *,
+    zero_grad: bool = True,
+) -> Callable[[], None]:
     forward = impl.train_forward
     assert forward is not None
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
         y, kl_term = forward(model, x)
         loss = F.mse_loss(y, t)
         if kl_term is not None:
@@ -634,12 +802,15 @@ def run_size(
             continue
         try:
             model = impl.build(d, d, device)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3, **impl.adam)
-            step = _train_step(impl, model, opt, x, target)
+            if impl.variant is None:
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3, **impl.adam)
+                step = _train_step(impl, model, opt, x, target)
+            else:
+                step, opt = _variant_train_step(impl, model, x, target)
             for _ in range(warmup):  # allocator, Adam state, lazy init
                 step()
         except Exception as exc:
-            if not impl.peer:
+            if not (impl.peer or impl.variant):
                 raise
             notes.append(f"{impl.key} skipped at {d}: {type(exc).__name__}: {exc}")
             continue
@@ -660,6 +831,8 @@ def run_size(
             baselines[ADAM_REFERENCES[impl.key]] = "nn.Linear"
         if (
             not impl.adam
+            and impl.variant is None
+            and not impl.key.startswith(BEFORE_PREFIX)
             and impl.key not in ("varlin.local", "varlin.flipout")
             and not (impl.key.endswith("]") and impl.key.startswith("varlin."))
         ):
@@ -678,7 +851,7 @@ def run_size(
         ctx_factory = impl.infer_context
         try:
             model = impl.build(d, d, device)
-            call = _infer_call(impl, model, x)
+            call = _variant_infer_call(impl, model, x)
             context = (
                 (lambda m=model, f=ctx_factory: f(m)) if ctx_factory is not None else (lambda: None)
             )
@@ -686,7 +859,7 @@ def run_size(
                 for _ in range(warmup):
                     call()
         except Exception as exc:
-            if not impl.peer:
+            if not (impl.peer or impl.variant):
                 raise
             notes.append(f"{impl.key} (inference) skipped at {d}: {type(exc).__name__}: {exc}")
             continue
@@ -1072,6 +1245,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "marked [Adam fused].",
         "",
     ]
+    load = results.get("load_average")
+    if load:
+        lines += [
+            "The machine was shared with other jobs: load average (1 min) "
+            f"{load['before']:.1f} before the run and {load['after']:.1f} after it, on "
+            f"{m['cpu_count']} CPUs; the interleaved rounds and the medians of per-round ratios "
+            "keep the comparisons fair, the absolute times are inflated.",
+            "",
+        ]
     for note in results.get("notes", []):
         lines.append(f"- Note: {note}")
     if results.get("notes"):
@@ -1113,6 +1295,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += _fmt_floors(sizes)
+    lines += render_same_process(results)
     lines += _fmt_memory(sizes) + [""]
     if any(k.startswith("varlin.lowrank") for s in sizes for k in s["train"]):
         lines += [
@@ -1569,6 +1752,193 @@ def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str]
     return results
 
 
+# -- profile (issue 17) ---------------------------------------------------------------------
+#: Op kinds of the profile summary, by op name (self times summed over the step).
+PROFILE_KINDS = (
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("RNG", ("aten::normal_", "aten::random_", "aten::uniform_", "aten::bernoulli_")),
+)
+PROFILE_PHASES = ("zero_grad", "forward", "backward", "forward + backward", "Adam.step")
+PROFILE_TOP = 10  # ops per table in speed_profile.md
+Phases = list[tuple[str, Callable[[], Any]]]
+
+
+def _phases(impl: Impl, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor,
+            t: Tensor) -> Phases:  # fmt: skip
+    """The train step of :func:`_train_step`, cut into its phases."""
+    forward = impl.train_forward
+    assert forward is not None
+    state: dict[str, Tensor] = {}
+
+    def run_forward() -> None:
+        y, kl_term = forward(model, x)
+        loss = F.mse_loss(y, t)
+        state["loss"] = loss if kl_term is None else loss + kl_term
+
+    return [
+        ("zero_grad", functools.partial(opt.zero_grad, set_to_none=True)),
+        ("forward", run_forward),
+        ("backward", lambda: state.pop("loss").backward()),
+        ("Adam.step", opt.step),
+    ]
+
+
+def _floor_phases(floor: Floor, opt: torch.optim.Optimizer, x: Tensor, t: Tensor) -> Phases:
+    def loss_and_grads() -> None:
+        _, grads = floor.loss_and_grads(x, t)
+        for p, g in zip(floor.params, grads, strict=True):
+            p.grad = g
+
+    return [("forward + backward", loss_and_grads), ("Adam.step", opt.step)]
+
+
+def _profile_steps(phases: Phases, timer: Timer, seconds: float) -> dict[str, Any]:
+    """Per-op self CPU time of one step (ms per step) under ``torch.profiler``, the time of
+    each phase, and the step's wall time without the profiler (whose own overhead inflates
+    every op a little)."""
+
+    def step() -> None:
+        for _, fn in phases:
+            fn()
+
+    def marked_step() -> None:
+        for name, fn in phases:
+            with torch.profiler.record_function(f"## {name}"):
+                fn()
+
+    for _ in range(3):
+        step()
+    calls = max(3, math.ceil(seconds / max(timer(step, 1), 1e-9)))
+    wall = timer(step, calls)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            marked_step()
+    events = prof.key_averages()
+    phase_ms = {
+        e.key[3:]: e.cpu_time_total / 1e3 / calls for e in events if e.key.startswith("## ")
+    }
+    ops = [
+        {"op": e.key, "calls": e.count / calls, "self_ms": e.self_cpu_time_total / 1e3 / calls}
+        for e in events
+        if e.self_cpu_time_total > 0 and not e.key.startswith("## ")
+    ]
+    ops.sort(key=lambda o: -o["self_ms"])
+    kinds = {kind: sum(o["self_ms"] for o in ops if o["op"].startswith(prefixes))
+             for kind, prefixes in PROFILE_KINDS}  # fmt: skip
+    kinds["other aten ops"] = sum(o["self_ms"] for o in ops if o["op"].startswith("aten::")) - sum(
+        kinds.values()
+    )
+    return {"wall_ms": 1e3 * wall, "profiled_calls": calls, "phases": phase_ms, "kinds": kinds,
+            "ops": ops}  # fmt: skip
+
+
+def run_profile(sizes: Sequence[tuple[int, int]], device: torch.device, *,
+                seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Train steps of nn.Linear, of varlin's estimators and of their floors, profiled per op."""
+    impls = {i.key: i for i in _linear_impls() + _varlin_impls() if i.train_forward is not None}
+    timer = Timer(device)
+    out: dict[str, Any] = {"sizes": []}
+    for d, batch in sizes:
+        print(f"profile {d}x{d}, batch {batch} ...", file=sys.stderr, flush=True)
+        x = torch.randn(batch, d, device=device)
+        target = torch.randn(batch, d, device=device)
+        rows: dict[str, Any] = {}
+        for key in ("nn.Linear", *FLOOR_OF):
+            impl = impls[key]
+            model = impl.build(d, d, device)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            rows[key] = _profile_steps(_phases(impl, model, opt, x, target), timer, seconds)
+            floor_key = FLOOR_OF.get(key)
+            if floor_key is not None:
+                floor = Floor(floor_key[len(FLOOR_PREFIX) :], d, d, device)
+                floor_opt = torch.optim.Adam(floor.params, lr=1e-3)
+                phases = _floor_phases(floor, floor_opt, x, target)
+                rows[floor_key] = _profile_steps(phases, timer, seconds)
+        out["sizes"].append({"in_features": d, "batch": batch, "train": rows})
+    return out
+
+
+def _fmt_profile_summary(profile: dict[str, Any]) -> list[str]:
+    """One line per implementation and size: wall ms per step, its phases and op kinds."""
+    kinds = [k for k, _ in PROFILE_KINDS] + ["other aten ops"]
+    lines = [
+        "| train step: ms per step | size | wall (unprofiled) | "
+        + " | ".join(PROFILE_PHASES) + " | " + " | ".join(f"{k} (self)" for k in kinds) + " |",
+        "|---|---:|---:|" + "---:|" * (len(PROFILE_PHASES) + len(kinds)),
+    ]  # fmt: skip
+    for size in profile["sizes"]:
+        for key, row in size["train"].items():
+            phases = [row["phases"].get(p) for p in PROFILE_PHASES]
+            cells = ["—" if v is None else f"{v:.3f}" for v in phases]
+            cells += [f"{row['kinds'][k]:.3f}" for k in kinds]
+            lines.append(f"| {key} | {size['in_features']} | {row['wall_ms']:.3f} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
+def render_profile(profile: dict[str, Any]) -> str:
+    """``speed_profile.md``: the summary, then the top ops of every profiled step."""
+    m = profile["machine"]
+    lines = [
+        "# Speed profile: where a train step's time goes",
+        "",
+        "Generated by `benchmarks/speed.py --profile` (issue 17) with `torch.profiler` (CPU "
+        "activities). Each table lists the ops with the largest self time, in ms per train step "
+        "(zero_grad, forward with MSE + KL / N, backward, Adam.step; a floor's forward and "
+        "backward are one phase) and calls per step. The phases are CPU time including their "
+        "ops; `wall` is the step's time measured without the profiler, whose own overhead "
+        "inflates every op a little, most at small sizes.",
+        "",
+        f"Command: `{profile['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}; load average (1 min) {profile['load_average']['before']:.1f} "
+        f"before, {profile['load_average']['after']:.1f} after (a shared machine: absolute "
+        "times are inflated).",
+        "",
+        "## Summary",
+        "",
+        *_fmt_profile_summary(profile),
+        "",
+    ]
+    for size in profile["sizes"]:
+        lines += [f"## {size['in_features']}×{size['in_features']}, batch {size['batch']}", ""]
+        for key, row in size["train"].items():
+            lines += [
+                f"**{key}**: {row['wall_ms']:.3f} ms per step (wall, unprofiled); top ops:",
+                "",
+                "| op | calls / step | self ms / step |",
+                "|---|---:|---:|",
+            ]
+            for op in row["ops"][:PROFILE_TOP]:
+                lines.append(f"| `{op['op']}` | {op['calls']:.0f} | {op['self_ms']:.3f} |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def profile_main(args: argparse.Namespace, device: torch.device, argv: Sequence[str],
+                 sizes: Sequence[tuple[int, int]], seconds: float) -> dict[str, Any]:  # fmt: skip
+    """``--profile``: writes ``speed_profile.json`` and ``speed_profile.md`` to ``--out``."""
+    load_before = os.getloadavg()[0]
+    profile = run_profile(sizes, device, seconds=seconds)
+    profile.update(
+        command=("python benchmarks/speed.py " + shlex.join(argv)).strip(),
+        label=args.label, machine=_machine(device),
+        load_average={"before": load_before, "after": os.getloadavg()[0]},
+    )  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write(args.out / "speed_profile.json", json.dumps(profile, indent=1) + "\n")
+    _write(args.out / "speed_profile.md", render_profile(profile))
+    print(render_profile(profile))
+    return profile
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (no half-written report if the run is stopped)."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
 # -- entry point ----------------------------------------------------------------------------
 def _parse_sizes(values: Sequence[str]) -> list[tuple[int, int]]:
     sizes = []
@@ -1611,6 +1981,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--conv-sizes", nargs="+", metavar="CHANNELS:SIZE:BATCH",
                         help="conv sizes (default 64:32:64 128:16:64)")  # fmt: skip
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also time varlin's estimator rows from the source tree SRC (the src folder of an "
+        "older checkout) in the same rounds, as 'before: varlin.<estimator>'",
+    )
+    parser.add_argument("--before-label", default=None, help="what code --before holds")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=[],
+        help="extra rows for nn.Linear and varlin's estimators: CUDA-graph replay (graph, needs "
+        "--device cuda) and/or torch.compile (compile), each against nn.Linear with the same "
+        "variant",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the per-op profile of the train steps (speed_profile.json and .md)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `varlin bench -- --quick ...` passes the separator through
         argv = argv[1:]
@@ -1620,6 +2012,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {}
 
     device = torch.device(args.device)
+    _check_variants(args.variants, device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -1636,12 +2029,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         min_seconds = (args.min_ms if args.min_ms is not None else 30.0) / 1e3
         warmup = 3
 
+    if args.profile:
+        return profile_main(args, device, argv, sizes, seconds=0.05 if args.quick else 1.0)
     if args.conv:
         return run_conv(args, device, argv, rounds=rounds, min_seconds=min_seconds,
                         warmup=warmup)  # fmt: skip
 
     notes: list[str] = list(args.note)
-    impls = _linear_impls() + _varlin_impls() + _family_impls()
+    impls = _linear_impls() + _varlin_impls() + _family_impls() + _variant_impls(args.variants)
+    if args.before is not None:
+        impls += _before_impls(_load_before(args.before))
     if not args.no_peers:
         impls += _peer_impls(notes)
     for note in notes:
@@ -1654,8 +2051,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": _machine(device),
         "config": {"rounds": rounds, "min_ms": 1e3 * min_seconds, "num_data": NUM_DATA},
         "notes": notes,
+        "load_average": {"before": os.getloadavg()[0]},
         "sizes": [],
     }
+    if args.before is not None:
+        results["before"] = {"path": str(args.before), "label": args.before_label or "before"}
     start = time.perf_counter()
     for d, batch in sizes:
         print(f"size {d}x{d}, batch {batch} ...", file=sys.stderr, flush=True)
@@ -1680,6 +2080,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"MC prediction at {d0}x{d0}, batch {b0} ...", file=sys.stderr, flush=True)
     results["mc_prediction"] = run_mc(d0, b0, device, rounds=rounds, min_seconds=min_seconds)
     results["wall_seconds"] = time.perf_counter() - start
+    results["load_average"]["after"] = os.getloadavg()[0]
     results["targets"] = evaluate_targets(results)
 
     args.out.mkdir(parents=True, exist_ok=True)

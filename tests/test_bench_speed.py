@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,83 @@ def test_lead_targets_use_per_round_ratios() -> None:
     assert target["value"] == pytest.approx(1.1) and not target["met"]
     assert speed._floor_bound(256) == 1.3 and speed._floor_bound(2048) == 1.15
     assert speed._floor_bound(16) == 1.3
+
+
+def test_cuda_graph_variant_needs_a_gpu_and_variant_rows_pair_with_their_own_linear() -> None:
+    """The GPU mode's arguments (issue 17), checked where no GPU is: the graph variant refuses
+    the CPU with one line; every variant row is timed against nn.Linear with that variant."""
+    speed = _load_speed()
+    with pytest.raises(SystemExit, match="--variants graph: CUDA graphs need --device cuda"):
+        speed.main(["--quick", "--variants", "graph", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit):  # argparse: not a variant
+        speed.main(["--quick", "--variants", "eager", "--out", "/nonexistent"])
+    rows = speed._variant_impls(["graph", "compile"])
+    keys = {row.key: row for row in rows}
+    for variant in ("graph", "compile"):
+        assert keys[f"nn.Linear [{variant}]"].baseline == f"nn.Linear [{variant}]"
+        for estimator in speed.VARLIN_ESTIMATORS:
+            row = keys[f"varlin.{estimator} [{variant}]"]
+            assert row.variant == variant and row.baseline == f"nn.Linear [{variant}]"
+    cuda_targets = {key for _, key in speed.TARGETS["cuda"]}
+    assert {"varlin.reparameterization [graph]", "varlin.reparameterization"} <= cuda_targets
+
+
+@pytest.mark.slow
+def test_compile_variant_runs_on_the_cpu(tmp_path: Path) -> None:
+    """``--variants compile`` end to end on a tiny layer (torch.compile takes a while)."""
+    speed = _load_speed()
+    data = _run_quick(speed, tmp_path, "--rounds", "1", "--variants", "compile")
+    (size,) = data["sizes"]
+    for section in ("train", "inference"):
+        for estimator in speed.VARLIN_ESTIMATORS:
+            entry = size[section][f"varlin.{estimator} [compile]"]
+            assert entry["baseline"] == "nn.Linear [compile]" and _positive(entry["ratio"])
+
+
+def test_before_rows_time_a_second_copy_of_varlin_in_the_same_rounds(tmp_path: Path) -> None:
+    """``--before SRC`` imports the package in SRC beside this one (here: this very source)
+    and times its estimator rows in the same rounds; the before → after table comes with them."""
+    speed = _load_speed()
+    src = Path(__file__).resolve().parents[1] / "src"
+    try:
+        data = _run_quick(speed, tmp_path, "--rounds", "2", "--before", str(src),
+                          "--before-label", "same code")  # fmt: skip
+    finally:
+        sys.modules.pop("varlin_before", None)
+    (size,) = data["sizes"]
+    for section in ("train", "inference"):
+        for estimator in speed.VARLIN_ESTIMATORS:
+            entry = size[section][f"before: varlin.{estimator}"]
+            assert entry["baseline"] == "nn.Linear" and len(entry["times_ms"]) == 2
+    assert data["before"] == {"path": str(src), "label": "same code"}
+    assert not any(key.startswith("before: ") for key in size["memory"])
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "Before and after in the same process: `same code`" in markdown
+    with pytest.raises(SystemExit, match="--before: no varlin package in"):
+        speed.main(["--quick", "--before", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_profile_flag_writes_per_op_tables(tmp_path: Path) -> None:
+    """``--profile`` (issue 17): per-op self times of each train step and its phases, for
+    nn.Linear, every estimator and every floor, as JSON and a trimmed markdown page."""
+    speed = _load_speed()
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--profile", "--quick", "--sizes", "16:4", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "speed_profile.json").read_text())
+    (size,) = data["sizes"]
+    expected = {"nn.Linear", *speed.FLOOR_OF, *speed.FLOOR_OF.values()}
+    assert set(size["train"]) == expected
+    for key, row in size["train"].items():
+        assert _positive(row["wall_ms"]) and row["ops"], key
+        assert any(op["op"] in ("aten::mm", "aten::addmm") for op in row["ops"]), key
+        phases = set(row["phases"])
+        if key.startswith("floor: "):
+            assert phases == {"forward + backward", "Adam.step"}, key
+        else:
+            assert {"forward", "backward", "Adam.step"} <= phases, key
+    markdown = (tmp_path / "speed_profile.md").read_text()
+    assert "## Summary" in markdown and "**floor: flipout**" in markdown
+    assert markdown.count("| op | calls / step | self ms / step |") == len(expected)
