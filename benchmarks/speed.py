@@ -844,6 +844,7 @@ def run_size(
 
     # Single-sample inference.
     infer_calls: dict[str, Callable[[], Any]] = {}
+    infer_baselines: dict[str, str] = {}
     contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any] | None]] = {}
     for impl in impls:
         if impl.infer_forward is None:
@@ -865,15 +866,16 @@ def run_size(
             continue
         contexts[impl.key] = context
         infer_calls[impl.key] = call
+        infer_baselines[impl.key] = impl.baseline
         floor_key = FLOOR_OF.get(impl.key)
         if floor_key is not None:
             floor = Floor(floor_key[len(FLOOR_PREFIX) :], d, d, device)
             infer_calls[floor_key] = functools.partial(floor.infer, x)
-            contexts[floor_key] = lambda: None
+            contexts[floor_key], infer_baselines[floor_key] = (lambda: None), "nn.Linear"
     repeat = _calibrate(infer_calls["nn.Linear"], timer, min_seconds)
     # The posterior-mean mode's floor is nn.Linear itself.
     inference = _interleave(
-        infer_calls, contexts, {k: "nn.Linear" for k in infer_calls}, timer, rounds, repeat,
+        infer_calls, contexts, infer_baselines, timer, rounds, repeat,
         {**FLOOR_OF, "varlin.deterministic": "nn.Linear"},
     )  # fmt: skip
 

@@ -166,6 +166,7 @@ class _NormalKLSums(torch.autograd.Function):
             ctx.neutral.append(_neutral_prior(p_loc, p_scale))
             value = _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.neutral[-1])
             total = value if total is None else total + value
+        assert total is not None  # normal_kl_sums passes at least two groups
         return total
 
     @staticmethod
