@@ -114,17 +114,26 @@ class _ShiftScaled(torch.autograd.Function):
         return grad, grad_scale, None
 
 
+def _plain_ops_only() -> bool:
+    """Whether the custom autograd Functions below must give way to the plain ops they replace.
+
+    ``torch.compile`` fuses the plain ops itself, and ``torch.func`` transforms (``vmap`` over
+    stacked models) cannot run a Function without a vmap rule.
+    """
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _shift_scaled(loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
     """``torch.addcmul(loc, scale, eps)``, with the lean backward when shapes match.
 
     Only for large tensors (the saved pass outweighs a custom Function's call overhead from
-    about 2**17 elements on a CPU), and not while tracing with ``torch.compile``, which fuses the
-    plain expression itself.
+    about 2**17 elements on a CPU), and not under ``torch.compile`` or ``torch.func.vmap``
+    (:func:`_plain_ops_only`).
     """
     if (
         loc.numel() >= 1 << 17
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not _plain_ops_only()
         and (loc.requires_grad or scale.requires_grad)
         and loc.shape == scale.shape == eps.shape
     ):
@@ -241,11 +250,12 @@ class _LocalStd(torch.autograd.Function):
 def _local_std(x: Tensor, w_scale: Tensor, b_scale: Tensor | None) -> Tensor:
     """:class:`_LocalStd` for one weight matrix when gradients flow, else the plain ops.
 
-    The plain ops also serve stacked (batched) weights and ``torch.compile``, which fuses them.
+    The plain ops also serve stacked (batched) weights, ``torch.compile`` (which fuses them) and
+    ``torch.func.vmap``.
     """
     if (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not _plain_ops_only()
         and w_scale.dim() == 2
         and (b_scale is None or b_scale.dim() == 1)
     ):

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
+from .functional import _plain_ops_only
+
 __all__ = [
     "distribution_kl",
     "distribution_kl_sum",
@@ -200,7 +202,7 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
     through every intermediate (about 3x less time and no saved temporaries). The prior is
     treated as constant (buffers); if a prior tensor requires grad, or the prior is larger than
     the posterior, it falls back to autograd through :func:`normal_kl`, as it does under
-    ``torch.compile`` (which fuses the plain expression itself).
+    ``torch.compile`` (which fuses the plain expression itself) and ``torch.func.vmap``.
     """
     if q_loc.dtype == torch.float16:
         # float16 tops out at 65504; a 300 x 300 layer's KL is ~4e5. Sum in float32.
@@ -211,10 +213,12 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
 
 
 def _fast_path(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) -> bool:
-    """Whether :func:`normal_kl_sum` takes its closed-form backward (float16 aside)."""
+    """Whether :func:`normal_kl_sum` takes its closed-form backward (float16 aside): not under
+    ``torch.compile`` or ``torch.func`` transforms (``_plain_ops_only``), nor for a prior that
+    requires grad or is larger than the posterior."""
     return not (
         q_loc.dtype == torch.float16
-        or torch.compiler.is_compiling()
+        or _plain_ops_only()
         or p_loc.requires_grad
         or p_scale.requires_grad
         or q_scale.shape != q_loc.shape
@@ -264,6 +268,7 @@ def distribution_kl(
     except NotImplementedError:
         pass
     if isinstance(q, Normal):
+        # torch.randn rather than q.rsample() (the same numbers): vmap draws it per model.
         eps = torch.randn(q.loc.shape, generator=generator, device=q.loc.device, dtype=q.loc.dtype)
         z = q.loc + q.scale * eps
         # log q(z) from the noise itself, the same value as q.log_prob(z) but exact where
