@@ -1381,7 +1381,41 @@ _REASONS = {
         "32; batching saves the per-call overhead and 31 softplus passes, not the random "
         "numbers, which dominate at this size"
     ),
+    ("mc", "varlin.flipout"): (
+        "as reparameterization: each of the 32 slices needs its own in×out perturbation (one "
+        "shared draw would make a slice's samples share it), so the normals are the same in "
+        "both forms"
+    ),
 }
+# What separates each estimator from its floor (issue 17), from the profile (speed_profile.md).
+_ABOVE_FLOOR = (
+    "per call, the layer checks its arguments and records an autograd graph (about 20 nodes, "
+    "with two hand-written backward functions) where the floor calls its ops directly, which "
+    "counts most at 256; the KL's value keeps the per-element form "
+    "expm1(2 log σ) − 2 log σ + μ² (exact near σ = 1, and pinned bit for bit by the tests), "
+    "about 8 passes over in×out where the floor's Σσ² + Σμ² − n − 2 Σ log σ needs one log and "
+    "three reductions, and `expm1` is not vectorised in this CPU build (7× the time of `exp`); "
+    "autograd adds the sample's and the KL's gradients of each tensor in one more pass each, "
+    "where the floor adds in place; and the scale's floor at `tiny` is one more pass"
+)
+_REASONS.update({
+    ("floor", "varlin.reparameterization"): _ABOVE_FLOOR,
+    ("floor", "varlin.flipout"): _ABOVE_FLOOR,
+    ("floor", "varlin.local"): _ABOVE_FLOOR + (
+        "; the local estimator's variance is clamped at `tiny` before the square root, and its "
+        "backward masks the clamped entries (three batch×out passes the floor skips)"
+    ),
+    ("lead", "varlin.reparameterization"): (
+        "every reparameterization layer does the same arithmetic (two GEMMs, in×out normals, "
+        "softplus, the KL), and the normals, one of the GEMMs and Adam over twice nn.Linear's "
+        "parameters are most of the step; what is left to win is varlin's share above its own "
+        "floor (the table above)"
+    ),
+    ("lead", "varlin.flipout"): (
+        "both draw in×out normals and the per-example signs and run four GEMMs; varlin draws "
+        "the signs eight per random byte, bayesian-torch one per uniform number"
+    ),
+})  # fmt: skip
 
 
 def _why_missed(targets: list[dict[str, Any]]) -> list[str]:
@@ -1416,7 +1450,7 @@ def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
     ]
     heads = [f"{a['in_features']}×{a['out_features']}, batch {a['batch']}" for _, a in sizes]
     lines = [
-        "## Before and after the speed work (CPU)",
+        "## Before and after issue 6's speed work (CPU)",
         "",
         f"Before: {_describe_code(before)}, measured by this script with the same protocol on "
         f"the same machine (`speed_before.json`); after: this page's run "
@@ -1448,6 +1482,36 @@ def render_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gpu_variants_note(cuda: dict[str, Any]) -> list[str]:
+    """Say so where the GPU table predates the CUDA-graph and torch.compile rows."""
+    if any("[graph]" in key for s in cuda["sizes"] for key in s["train"]):
+        return []
+    return [
+        "The GPU table above is an earlier run without issue 17's rows (floors, CUDA-graph and "
+        "torch.compile variants): no GPU was available when they were added, so none is shown "
+        "rather than an estimate. One run of `benchmarks/gpu_check.sh` (`python "
+        "benchmarks/speed.py --device cuda --variants graph compile`) on a machine with a CUDA "
+        "device records them, with the targets of issue 17 (train step ≤ 2.0× nn.Linear at "
+        "256 and 1024, ≤ 1.15× at 4096, for the plain and the variant rows).",
+        "",
+    ]
+
+
+def _profile_section(profile: dict[str, Any]) -> list[str]:
+    """The profile's summary (``speed_profile.md`` has the per-op tables)."""
+    return [
+        "## Profile of the train steps (issue 17)",
+        "",
+        f"Command: `{profile['command']}`. Per-op tables in [speed_profile.md](speed_profile.md); "
+        "below, per step: the wall time without the profiler, the phases (CPU time, profiled) "
+        "and the self time of the GEMMs, of the random-number generation and of every other "
+        "aten op. The profiler's own overhead inflates every op a little.",
+        "",
+        *_fmt_profile_summary(profile),
+        "",
+    ]
+
+
 def write_reports(out: Path) -> Path:
     """(Re)write ``speed.md`` from the JSON files in ``out``.
 
@@ -1466,6 +1530,11 @@ def write_reports(out: Path) -> Path:
         path = out / name
         if path.exists():
             parts.append(render_markdown(json.loads(path.read_text())))
+            if name == "speed_cuda.json":
+                parts += _gpu_variants_note(json.loads(path.read_text()))
+    profile = out / "speed_profile.json"
+    if profile.exists():
+        parts += _profile_section(json.loads(profile.read_text()))
     before, after = out / "speed_before.json", out / "speed.json"
     if before.exists() and after.exists():
         parts.append(
