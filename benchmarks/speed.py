@@ -407,10 +407,11 @@ def render_same_process(results: dict[str, Any]) -> list[str]:
         return []
     heads = [f"{s['in_features']}×{s['out_features']}, batch {s['batch']}" for s in sizes]
     lines = [
-        f"Before and after in the same process: `{before['label']}` (imported from "
-        f"`{before['path']}` as a second package) and this page's code, timed in the same "
-        "interleaved rounds. Each cell: ratio to nn.Linear before → after; in brackets the "
-        "median of the per-round ratios after / before (below 1: faster now).",
+        f"Before and after in the same process: `{before['label']}` (its `src` extracted with "
+        f"`git archive <commit> src | tar -x -C <dir>`, imported from `{before['path']}` as a "
+        "second package by `--before`) and this page's code, timed in the same interleaved "
+        "rounds. Each cell: ratio to nn.Linear before → after; in brackets the median of the "
+        "per-round ratios after / before (below 1: faster now).",
         "",
         "| × nn.Linear, before → after (after / before) | " + " | ".join(heads) + " |",
         "|---|" + "---:|" * len(sizes),
