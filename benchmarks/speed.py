@@ -2039,6 +2039,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min-ms", type=float, default=None, help="min ms per measurement (30)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
+    parser.add_argument(
+        "--no-families",
+        action="store_true",
+        help="skip the posterior-family rows and the full-covariance table (a shorter run)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all CPUs)")
     parser.add_argument("--label", default=None, help="what code this run measures (for notes)")
     parser.add_argument(
@@ -2108,7 +2113,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         warmup=warmup)  # fmt: skip
 
     notes: list[str] = list(args.note)
-    impls = _linear_impls() + _varlin_impls() + _family_impls() + _variant_impls(args.variants)
+    impls = _linear_impls() + _varlin_impls() + _variant_impls(args.variants)
+    if not args.no_families:
+        impls += _family_impls()
     if args.before is not None:
         impls += _before_impls(_load_before(args.before))
     if not args.no_peers:
@@ -2143,11 +2150,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 notes=notes,
             )
         )
-    full_in, full_out, full_batch = (16, 2, 4) if args.quick else FULL_SIZE
-    print(f"full covariance at {full_in}x{full_out} ...", file=sys.stderr, flush=True)
-    results["full_covariance"] = run_full(
-        full_in, full_out, full_batch, device, rounds=rounds, min_seconds=min_seconds
-    )
+    if not args.no_families:
+        full_in, full_out, full_batch = (16, 2, 4) if args.quick else FULL_SIZE
+        print(f"full covariance at {full_in}x{full_out} ...", file=sys.stderr, flush=True)
+        results["full_covariance"] = run_full(
+            full_in, full_out, full_batch, device, rounds=rounds, min_seconds=min_seconds
+        )
     d0, b0 = min(sizes)
     print(f"MC prediction at {d0}x{d0}, batch {b0} ...", file=sys.stderr, flush=True)
     results["mc_prediction"] = run_mc(d0, b0, device, rounds=rounds, min_seconds=min_seconds)

@@ -214,8 +214,10 @@ def test_floor_that_skips_work_is_caught() -> None:
 
 def test_quick_run_has_floor_rows_and_issue_17_targets(tmp_path: Path) -> None:
     speed = _load_speed()
-    data = _run_quick(speed, tmp_path, "--rounds", "2")
+    data = _run_quick(speed, tmp_path, "--rounds", "2", "--no-families")
     (size,) = data["sizes"]
+    assert "full_covariance" not in data  # --no-families: no family rows, no full-covariance
+    assert not any(key in size["train"] for key, _, _ in speed.FAMILY_ROWS)
     for section in ("train", "inference"):
         for estimator in speed.VARLIN_ESTIMATORS:
             floor = size[section][f"floor: {estimator}"]
