@@ -17,7 +17,7 @@ from torch.distributions import Distribution, Laplace, Normal, StudentT, constra
 
 import varlin
 from varlin import priors
-from varlin.kl import distribution_kl, has_closed_form, normal_kl
+from varlin.kl import distribution_kl, has_closed_form, normal_kl, normal_kl_sum, normal_kl_sums
 from varlin.priors import ScaleMixtureNormal
 
 
@@ -365,3 +365,55 @@ def test_mixture_same_family_prior_is_accepted_and_its_kl_is_unbiased(float64: t
     )
     with pytest.raises(ValueError, match="supported on the real line.*MixtureSameFamily"):
         varlin.LinearVariationalNormal(3, 2, make_weights_prior=lambda i, o: gammas)
+
+
+@pytest.mark.parametrize("prior", ["neutral", "shifted"])
+def test_normal_kl_sums_is_the_sum_of_the_groups_bit_for_bit(prior: str) -> None:
+    """One autograd node for a layer's weights and bias (issue 17): the value of adding the
+    groups' ``normal_kl_sum`` in order and the same gradients, for the default N(0, 1) prior
+    (whose no-op passes are skipped) and a shifted, rescaled one."""
+    gen = torch.Generator().manual_seed(0)
+    p_loc, p_scale = (0.0, 1.0) if prior == "neutral" else (0.3, 0.7)
+    tensors = [
+        (torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) + 0.05)
+        for shape in [(6, 5), (5,)]
+    ]
+    priors_ = [
+        (torch.tensor(p_loc), torch.tensor(p_scale)),
+        (torch.tensor(p_loc), torch.tensor(p_scale)),
+    ]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = [t.clone().requires_grad_() for pair in tensors for t in pair]
+        groups = [(leaves[0], leaves[1], *priors_[0]), (leaves[2], leaves[3], *priors_[1])]
+        if fused:
+            total = normal_kl_sums(groups)
+        else:
+            total = normal_kl_sum(*groups[0]) + normal_kl_sum(*groups[1])
+        total.backward()
+        return total.detach(), [leaf.grad for leaf in leaves]  # type: ignore[misc]
+
+    fused, fused_grads = run(True)
+    separate, separate_grads = run(False)
+    assert torch.equal(fused, separate)
+    for a, b in zip(fused_grads, separate_grads, strict=True):
+        assert torch.equal(a, b)
+    # and it is the KL: against the elementwise closed form in float64
+    exact = sum(
+        normal_kl(q.double(), s.double(), torch.tensor(p_loc, dtype=torch.float64),
+                  torch.tensor(p_scale, dtype=torch.float64)).sum()
+        for q, s in tensors
+    )  # fmt: skip
+    assert float(fused) == pytest.approx(float(exact), rel=1e-6)
+
+
+def test_normal_kl_sums_falls_back_per_group_and_needs_a_group() -> None:
+    """A prior that requires grad leaves the fast path: autograd reaches it too."""
+    q = torch.randn(4, requires_grad=True)
+    s = torch.rand(4).add_(0.1).requires_grad_()
+    p_scale = torch.tensor(1.5, requires_grad=True)
+    total = normal_kl_sums([(q, s, torch.tensor(0.0), p_scale), (q, s, torch.tensor(0.0), p_scale)])
+    total.backward()
+    assert p_scale.grad is not None and q.grad is not None
+    with pytest.raises(ValueError, match="at least one group"):
+        normal_kl_sums([])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "entropy_kl",
     "normal_kl",
     "normal_kl_sum",
+    "normal_kl_sums",
     "has_closed_form",
 ]
 
@@ -79,6 +81,44 @@ def _neutral_prior(p_loc: Tensor, p_scale: Tensor) -> tuple[bool, bool]:
     return float(p_loc) == 0.0, float(p_scale) == 1.0
 
 
+def _kl_sum_value(
+    q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, neutral: tuple[bool, bool]
+) -> Tensor:
+    """``normal_kl(...).sum()`` with the same operations, in the same order, done in place: the
+    value is bit-identical (0.5 * sum == sum of halves, exactly; the skipped "- 0", "/ 1" and
+    "- log 1" are exact no-ops)."""
+    loc_zero, scale_one = neutral
+    log_ratio = torch.log(q_scale)
+    if not scale_one:
+        log_ratio.sub_(torch.log(p_scale))
+    spread = torch.mul(log_ratio, 2).expm1_().sub_(log_ratio, alpha=2).clamp_min_(0)
+    shift = None if loc_zero else torch.sub(q_loc, p_loc)
+    if not scale_one:
+        shift = torch.div(q_loc, p_scale) if shift is None else shift.div_(p_scale)
+    shift = torch.mul(q_loc, q_loc) if shift is None else shift.mul_(shift)
+    return spread.add_(shift).sum() * 0.5
+
+
+def _kl_sum_grads(
+    grad: Tensor,
+    q_loc: Tensor,
+    q_scale: Tensor,
+    p_loc: Tensor,
+    p_scale: Tensor,
+    neutral: tuple[bool, bool],
+    needs: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """The closed-form gradients of :func:`_kl_sum_value` for ``q_loc`` and ``q_scale``."""
+    loc_zero, scale_one = neutral
+    coef = grad if scale_one else grad / p_scale.square()
+    grad_loc = grad_scale = None
+    if needs[0]:
+        grad_loc = torch.mul(q_loc, coef) if loc_zero else torch.sub(q_loc, p_loc).mul_(coef)
+    if needs[1]:
+        grad_scale = torch.div(grad.neg(), q_scale).addcmul_(q_scale, coef)
+    return grad_loc, grad_scale
+
+
 class _NormalKLSum(torch.autograd.Function):
     r"""``normal_kl(...).sum()`` with a hand-written backward (the prior gets no gradient).
 
@@ -101,34 +141,48 @@ class _NormalKLSum(torch.autograd.Function):
         p_scale: Tensor,
     ) -> Tensor:
         ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
-        ctx.neutral = loc_zero, scale_one = _neutral_prior(p_loc, p_scale)
-        # The same operations, in the same order, as normal_kl, done in place: the value is
-        # bit-identical to normal_kl(...).sum() (0.5 * sum == sum of halves, exactly; the
-        # skipped "- 0", "/ 1" and "- log 1" are exact no-ops).
-        log_ratio = torch.log(q_scale)
-        if not scale_one:
-            log_ratio.sub_(torch.log(p_scale))
-        spread = torch.mul(log_ratio, 2).expm1_().sub_(log_ratio, alpha=2).clamp_min_(0)
-        shift = None if loc_zero else torch.sub(q_loc, p_loc)
-        if not scale_one:
-            shift = torch.div(q_loc, p_scale) if shift is None else shift.div_(p_scale)
-        shift = torch.mul(q_loc, q_loc) if shift is None else shift.mul_(shift)
-        return spread.add_(shift).sum() * 0.5
+        ctx.neutral = _neutral_prior(p_loc, p_scale)
+        return _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.neutral)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q_loc, q_scale, p_loc, p_scale = ctx.saved_tensors
-        loc_zero, scale_one = ctx.neutral
-        coef = grad if scale_one else grad / p_scale.square()
-        grad_loc = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            if loc_zero:
-                grad_loc = torch.mul(q_loc, coef)
-            else:
-                grad_loc = torch.sub(q_loc, p_loc).mul_(coef)
-        if ctx.needs_input_grad[1]:
-            grad_scale = torch.div(grad.neg(), q_scale).addcmul_(q_scale, coef)
-        return grad_loc, grad_scale, None, None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grads = _kl_sum_grads(grad, q_loc, q_scale, p_loc, p_scale, ctx.neutral, needs)
+        return (*grads, None, None)
+
+
+class _NormalKLSums(torch.autograd.Function):
+    """:class:`_NormalKLSum` over several groups ``(q_loc, q_scale, p_loc, p_scale)`` (a layer's
+    weights and bias), added in order: one graph node and one backward call instead of one per
+    group plus an addition, which at small layers costs more than their arithmetic. The value
+    is bit-identical to adding the groups' :func:`normal_kl_sum` one after the other."""
+
+    @staticmethod
+    def forward(ctx: Any, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors)
+        ctx.neutral = []
+        total: Tensor | None = None
+        for i in range(0, len(tensors), 4):
+            q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
+            ctx.neutral.append(_neutral_prior(p_loc, p_scale))
+            value = _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.neutral[-1])
+            total = value if total is None else total + value
+        assert total is not None  # normal_kl_sums passes at least two groups
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        tensors, needs = ctx.saved_tensors, ctx.needs_input_grad
+        grads: list[Tensor | None] = []
+        for i, neutral in zip(range(0, len(tensors), 4), ctx.neutral, strict=True):
+            q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
+            needed = (needs[i], needs[i + 1])
+            grad_loc, grad_scale = _kl_sum_grads(
+                grad, q_loc, q_scale, p_loc, p_scale, neutral, needed
+            )
+            grads += [grad_loc, grad_scale, None, None]
+        return tuple(grads)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -153,16 +207,42 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
     if q_loc.dtype == torch.float16:
         # float16 tops out at 65504; a 300 x 300 layer's KL is ~4e5. Sum in float32.
         return normal_kl_sum(q_loc.float(), q_scale.float(), p_loc.float(), p_scale.float())
-    if (
-        _plain_ops_only()
+    if not _fast_path(q_loc, q_scale, p_loc, p_scale):
+        return normal_kl(q_loc, q_scale, p_loc, p_scale).sum()
+    return _NormalKLSum.apply(q_loc, q_scale, p_loc, p_scale)
+
+
+def _fast_path(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) -> bool:
+    """Whether :func:`normal_kl_sum` takes its closed-form backward (float16 aside): not under
+    ``torch.compile`` or ``torch.func`` transforms (``_plain_ops_only``), nor for a prior that
+    requires grad or is larger than the posterior."""
+    return not (
+        q_loc.dtype == torch.float16
+        or _plain_ops_only()
         or p_loc.requires_grad
         or p_scale.requires_grad
         or q_scale.shape != q_loc.shape
         or not _broadcasts_to(p_loc.shape, q_loc.shape)
         or not _broadcasts_to(p_scale.shape, q_loc.shape)
-    ):
-        return normal_kl(q_loc, q_scale, p_loc, p_scale).sum()
-    return _NormalKLSum.apply(q_loc, q_scale, p_loc, p_scale)
+    )
+
+
+def normal_kl_sums(groups: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+    """``normal_kl_sum(*groups[0]) + normal_kl_sum(*groups[1]) + ...``, in that order (0-dim).
+
+    The same value, bit for bit; where every group takes :func:`normal_kl_sum`'s fast path they
+    are computed in one autograd node (a layer's weights and bias: one backward call, not two
+    plus an addition).
+    """
+    if len(groups) > 1 and all(_fast_path(*group) for group in groups):
+        return _NormalKLSums.apply(*(t for group in groups for t in group))
+    total = None
+    for group in groups:
+        value = normal_kl_sum(*group)
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("normal_kl_sums needs at least one group")
+    return total
 
 
 def distribution_kl(

@@ -25,7 +25,7 @@ from . import _validation as V
 from . import functional
 from . import posteriors as _posteriors
 from . import priors as _priors
-from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum
+from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum, normal_kl_sums
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -252,12 +252,15 @@ class BayesianLinearBase(nn.Module):
             # Normal priors: per-weight Normal KLs on the fused fast path, plus what the family
             # computes in closed form (nothing for mean-field; see Family.normal_kl_split).
             w_loc, w_ref, b_loc, b_ref = family.normal_kl_split(t)
-            kl = self._kl_sum(w_loc, w_ref, self.w_prior, self.generator)
+            w_prior_scale = self.w_prior.get_buffer("scale")
+            groups = [(w_loc, w_ref, self.w_prior.get_buffer("loc"), w_prior_scale)]
             b_scale = None
             if b_loc is not None and b_ref is not None and self.b_prior is not None:
-                kl = kl + self._kl_sum(b_loc, b_ref, self.b_prior, self.generator)
                 b_scale = self.b_prior.get_buffer("scale")
-            rest = family.normal_kl_rest(t, self.w_prior.get_buffer("scale"), b_scale)
+                groups.append((b_loc, b_ref, self.b_prior.get_buffer("loc"), b_scale))
+            # Weights and bias in one autograd node (the value is kl_w + kl_b, bit for bit).
+            kl = normal_kl_sums(groups)
+            rest = family.normal_kl_rest(t, w_prior_scale, b_scale)
             return kl if rest is None else kl + rest
         w_loc, w_std, b_loc, b_std = family.marginals(t)
         if family.gaussian:
