@@ -360,8 +360,10 @@ def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(model[:-1]):
-            return model[:-1], head
+        # (features, head), as bayesian_last_layer builds it: its first module, not a new slice.
+        features = model[0] if len(model) == 2 else model[:-1]
+        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(features):
+            return features, head
     return None
 
 
