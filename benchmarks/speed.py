@@ -33,12 +33,21 @@ Usage::
     python benchmarks/speed.py --sizes 512:64 --rounds 5 --out /tmp/speed
     python benchmarks/speed.py --quick --out /tmp/s # smoke test, a few seconds
     python benchmarks/speed.py --render-only        # rebuild speed.md from the JSON files
+    python benchmarks/speed.py --conv               # the convolution table only
+
+The convolution table (issue 13, ``--conv``, ``speed_conv.json``): 3×3 convolutions, channels to
+channels, at 64 channels on 32×32 inputs and 128 channels on 16×16 (batch 64); train step and
+single-sample inference of ``varlin.VariationalConv2d`` (each estimator) and of the peers'
+convolutions (bayesian-torch ``Conv2dReparameterization``/``Conv2dFlipout``, blitz
+``BayesianConv2d``, torchbnn ``BayesConv2d``), as ratios to ``nn.Conv2d`` in the same rounds; the
+load average before and after the run is recorded (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -241,6 +250,30 @@ def _family_impls() -> list[Impl]:
     return impls
 
 
+# How each peer is trained (its documented KL), shared by the linear and the conv tables.
+def _bayesian_torch_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    out, kl = m(x)  # bayesian-torch returns the layer's KL with the output
+    return out, kl / NUM_DATA
+
+
+def _blitz_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    out = m(x)
+    # blitz samples the complexity cost inside forward (what nn_kl_divergence sums).
+    kl = m.log_variational_posterior - m.log_prior
+    return out, kl / NUM_DATA
+
+
+def _torchbnn_train() -> TrainForward:
+    import torchbnn
+
+    kl_loss = torchbnn.BKLLoss()  # the documented default (reduction="mean")
+
+    def train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return m(x), kl_loss(m) / NUM_DATA
+
+    return train
+
+
 def _peer_impls(notes: list[str]) -> list[Impl]:
     impls: list[Impl] = []
     try:
@@ -248,10 +281,6 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
     except Exception as exc:  # noqa: BLE001 - any import failure means "skip this peer"
         notes.append(f"bayesian-torch skipped: cannot import it ({type(exc).__name__}: {exc})")
     else:
-
-        def bt_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-            out, kl = m(x)  # bayesian-torch returns the layer's KL with the output
-            return out, kl / NUM_DATA
 
         def bt_infer(m: nn.Module, x: Tensor) -> Tensor:
             return m(x, return_kl=False)
@@ -261,7 +290,7 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
                 Impl(
                     f"bayesian-torch.{cls.__name__}",
                     lambda d_in, d_out, device, cls=cls: cls(d_in, d_out).to(device),
-                    bt_train,
+                    _bayesian_torch_train,
                     bt_infer,
                     peer=True,
                 )
@@ -271,18 +300,11 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
     except Exception as exc:  # noqa: BLE001
         notes.append(f"blitz skipped: cannot import it ({type(exc).__name__}: {exc})")
     else:
-
-        def blitz_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-            out = m(x)
-            # blitz samples the complexity cost inside forward (what nn_kl_divergence sums).
-            kl = m.log_variational_posterior - m.log_prior
-            return out, kl / NUM_DATA
-
         impls.append(
             Impl(
                 "blitz.BayesianLinear",
                 lambda d_in, d_out, device: BayesianLinear(d_in, d_out).to(device),
-                blitz_train,
+                _blitz_train,
                 lambda m, x: m(x),
                 peer=True,
             )
@@ -292,18 +314,13 @@ def _peer_impls(notes: list[str]) -> list[Impl]:
     except Exception as exc:  # noqa: BLE001
         notes.append(f"torchbnn skipped: cannot import it ({type(exc).__name__}: {exc})")
     else:
-        kl_loss = torchbnn.BKLLoss()  # the documented default (reduction="mean")
-
-        def bnn_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-            return m(x), kl_loss(m) / NUM_DATA
-
         impls.append(
             Impl(
                 "torchbnn.BayesLinear",
                 lambda d_in, d_out, device: torchbnn.BayesLinear(
                     prior_mu=0.0, prior_sigma=1.0, in_features=d_in, out_features=d_out
                 ).to(device),
-                bnn_train,
+                _torchbnn_train(),
                 lambda m, x: m(x),
                 peer=True,
             )
@@ -1014,9 +1031,287 @@ def write_reports(out: Path) -> Path:
         parts.append(
             render_before_after(json.loads(before.read_text()), json.loads(after.read_text()))
         )
+    for conv in sorted(out.glob("speed_conv*.json")):
+        parts.append(render_conv_markdown(json.loads(conv.read_text())))
     md = out / "speed.md"
     md.write_text("\n".join(parts).rstrip() + "\n")
     return md
+
+
+# -- convolutions (issue 13) ----------------------------------------------------------------
+#: (channels, spatial size, batch): 3x3 kernels, padding 1, channels -> channels, square input.
+CONV_SIZES = ((64, 32, 64), (128, 16, 64))
+CONV_TARGET_LOCAL = 2.5  # varlin.local's train step <= 2.5x nn.Conv2d's
+#: Peers with the same estimator as a varlin row ("ahead of every peer for the same estimator").
+CONV_SAME_ESTIMATOR = {
+    "varlin.reparameterization": (
+        "bayesian-torch.Conv2dReparameterization",
+        "blitz.BayesianConv2d",
+        "torchbnn.BayesConv2d",
+    ),
+    "varlin.flipout": ("bayesian-torch.Conv2dFlipout",),
+}
+
+
+def _peer_module(name: str, label: str, notes: list[str]) -> Any:
+    """The peer's module, or ``None`` with a note (any import failure skips the peer)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"{label} skipped: cannot import it ({type(exc).__name__}: {exc})")
+        return None
+
+
+def _conv_impls(notes: list[str], peers: bool) -> list[Impl]:
+    """nn.Conv2d, varlin's three estimators (and its posterior mean), the peers' conv layers.
+
+    ``build(channels, channels, device)``; every row's ratios are to nn.Conv2d. varlin's KL is
+    ``varlin.kl_divergence(model)``, the peers' as in :func:`_peer_impls`.
+    """
+
+    def conv_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return m(x), None
+
+    def forward(m: nn.Module, x: Tensor) -> Tensor:
+        return m(x)
+
+    def varlin_train(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return m(x), varlin.kl_divergence(m) / NUM_DATA
+
+    impls = [
+        Impl("nn.Conv2d", lambda c, _, device: nn.Conv2d(c, c, 3, padding=1, device=device),
+             conv_train, forward, baseline="nn.Conv2d"),
+    ]  # fmt: skip
+    for estimator in VARLIN_ESTIMATORS:
+
+        def build(c: int, _: int, device: torch.device, estimator: str = estimator) -> nn.Module:
+            return varlin.VariationalConv2d(c, c, 3, padding=1, estimator=estimator, device=device)
+
+        impls.append(Impl(f"varlin.{estimator}", build, varlin_train, forward,
+                          baseline="nn.Conv2d"))  # fmt: skip
+    impls.append(
+        Impl("varlin.deterministic",
+             lambda c, _, device: varlin.VariationalConv2d(c, c, 3, padding=1, device=device),
+             None, forward, baseline="nn.Conv2d", infer_context=varlin.deterministic)
+    )  # fmt: skip
+    if not peers:
+        return impls
+    bayesian_torch = _peer_module("bayesian_torch.layers", "bayesian-torch", notes)
+    for name in ("Conv2dReparameterization", "Conv2dFlipout") if bayesian_torch else ():
+        cls = getattr(bayesian_torch, name)
+        impls.append(
+            Impl(f"bayesian-torch.{name}",
+                 lambda c, _, device, cls=cls: cls(c, c, 3, padding=1).to(device),
+                 _bayesian_torch_train, lambda m, x: m(x, return_kl=False),
+                 baseline="nn.Conv2d", peer=True)
+        )  # fmt: skip
+    blitz = _peer_module("blitz.modules", "blitz", notes)
+    if blitz is not None:
+        impls.append(
+            Impl("blitz.BayesianConv2d",
+                 lambda c, _, device: blitz.BayesianConv2d(c, c, (3, 3), padding=1).to(device),
+                 _blitz_train, forward, baseline="nn.Conv2d", peer=True)
+        )  # fmt: skip
+    torchbnn = _peer_module("torchbnn", "torchbnn", notes)
+    if torchbnn is not None:
+        impls.append(
+            Impl("torchbnn.BayesConv2d",
+                 lambda c, _, device: torchbnn.BayesConv2d(
+                     prior_mu=0.0, prior_sigma=1.0, in_channels=c, out_channels=c,
+                     kernel_size=3, padding=1).to(device),
+                 _torchbnn_train(), forward, baseline="nn.Conv2d", peer=True)
+        )  # fmt: skip
+    return impls
+
+
+def run_conv_size(
+    channels: int,
+    size: int,
+    batch: int,
+    impls: Sequence[Impl],
+    device: torch.device,
+    *,
+    rounds: int,
+    min_seconds: float,
+    warmup: int,
+    notes: list[str],
+) -> dict[str, Any]:
+    """Train step and single-sample inference of every conv implementation, interleaved."""
+    timer = Timer(device)
+    x = torch.randn(batch, channels, size, size, device=device)
+    target = torch.randn(batch, channels, size, size, device=device)
+    tables: dict[str, dict[str, Any]] = {}
+    for section in ("train", "inference"):
+        calls: dict[str, Callable[[], Any]] = {}
+        contexts: dict[str, Callable[[], contextlib.AbstractContextManager[Any] | None]] = {}
+        for impl in impls:
+            if (impl.train_forward if section == "train" else impl.infer_forward) is None:
+                continue
+            try:
+                model = impl.build(channels, channels, device)
+                if section == "train":
+                    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                    call = _train_step(impl, model, opt, x, target)
+                    context: Callable[[], Any] = lambda: None  # noqa: E731
+                else:
+                    call = _infer_call(impl, model, x)
+                    factory = impl.infer_context
+                    context = (lambda m=model, f=factory: f(m)) if factory else (lambda: None)
+                with _maybe(context()):
+                    for _ in range(warmup):
+                        call()
+            except Exception as exc:
+                if not impl.peer:
+                    raise
+                notes.append(f"{impl.key} ({section}) skipped at {channels}: {exc}")
+                continue
+            calls[impl.key], contexts[impl.key] = call, context
+        repeat = _calibrate(calls["nn.Conv2d"], timer, min_seconds)
+        baselines = {k: "nn.Conv2d" for k in calls}
+        tables[section] = _interleave(calls, contexts, baselines, timer, rounds, repeat)
+    return {"channels": channels, "size": size, "batch": batch, **tables}
+
+
+def evaluate_conv_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """local <= 2.5x nn.Conv2d's step; varlin ahead of every peer with the same estimator."""
+    rows: list[dict[str, Any]] = []
+    for entry in results["sizes"]:
+        where = f"{entry['channels']}ch {entry['size']}×{entry['size']}"
+        local = entry["train"].get("varlin.local")
+        if local is not None:
+            rows.append({"target": f"train varlin.local at {where}", "value": local["ratio"],
+                         "bound": f"<= {CONV_TARGET_LOCAL}",
+                         "met": local["ratio"] <= CONV_TARGET_LOCAL})  # fmt: skip
+        for section in ("train", "inference"):
+            table = entry[section]
+            for key, peers in CONV_SAME_ESTIMATOR.items():
+                present = [p for p in peers if p in table]
+                if key not in table or not present:
+                    continue
+                best = min(present, key=lambda p: table[p]["ratio"])
+                rows.append({
+                    "target": f"{section} {key} ahead of {', '.join(present)} at {where}",
+                    "value": table[key]["ratio"],
+                    "bound": f"< {table[best]['ratio']:.3f} ({best})",
+                    "met": table[key]["ratio"] < table[best]["ratio"],
+                })  # fmt: skip
+    return rows
+
+
+def render_conv_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    load = results.get("load_average", {})
+    threads = m["torch_threads"]
+    lines = [
+        f"## Convolutions (issue 13), {threads} torch thread{'s' if threads > 1 else ''}",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, Python {m['python']}. {results['config']['rounds']} interleaved "
+        "rounds per table; float32; 3×3 kernels, padding 1; loss = MSE + KL / "
+        f"{NUM_DATA}; torch.optim.Adam(lr=1e-3). varlin's rows: `varlin.VariationalConv2d` "
+        "(KL from `varlin.kl_divergence`); inference is one stochastic forward under "
+        "`torch.no_grad()`, `varlin.deterministic` the posterior-mean mode.",
+        "",
+    ]
+    if load:
+        lines += [
+            "The machine was shared with other jobs: load average (1 min) "
+            f"{load.get('before', float('nan')):.1f} before the run and "
+            f"{load.get('after', float('nan')):.1f} after it, on {m['cpu_count']} CPUs; the "
+            "interleaved rounds and the medians of per-round ratios keep the comparison fair, "
+            "the absolute times are inflated.",
+            "",
+        ]
+    for note in results.get("notes", []):
+        lines.append(f"- Note: {note}")
+    if results.get("notes"):
+        lines.append("")
+    sizes = results["sizes"]
+    heads = [f"{s['channels']}→{s['channels']} ch, {s['size']}×{s['size']}, batch {s['batch']}"
+             for s in sizes]  # fmt: skip
+    for section in ("train", "inference"):
+        keys: list[str] = []
+        for s in sizes:
+            keys += [k for k in s[section] if k not in keys]
+        lines += [
+            f"| {section}: median ms (× nn.Conv2d, median of per-round ratios) | "
+            + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]  # fmt: skip
+        for key in keys:
+            cells = []
+            for s in sizes:
+                e = s[section].get(key)
+                cells.append("—" if e is None else f"{e['median_ms']:.2f} ({e['ratio']:.2f}×)")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append("")
+    targets = evaluate_conv_targets(results)
+    if targets:
+        lines += ["| target (issue 13) | measured (× nn.Conv2d) | bound | |", "|---|---:|---|---|"]
+        for row in targets:
+            verdict = "met" if row["met"] else "**missed**"
+            lines.append(f"| {row['target']} | {row['value']:.3f} | {row['bound']} | {verdict} |")
+        lines += ["", *_CONV_NOTES, ""]
+    return "\n".join(lines)
+
+
+# What bounds each estimator, whatever the implementation (read with the tables above).
+_CONV_NOTES = (
+    "What bounds each row:",
+    "",
+    "- reparameterization: one convolution with a sampled kernel (forward, weight gradient), "
+    "as nn.Conv2d, plus kernel-sized work (noise, softplus, KL) that is ~1% of a step here. "
+    "Every implementation does the same; their differences are within the run-to-run noise of "
+    "a shared machine (a few percent), not a ranking.",
+    "- local: two convolutions (means and variances), forward and weight gradient, and one "
+    "normal per output: B×C×H×W = 4.2 million (64 channels, 32×32) or 2.1 million (128, 16×16) "
+    "per step, from the CPU generator, which is sequential. With more threads the convolutions "
+    "get faster and the normals do not, so the ratio grows with the thread count.",
+    "- flipout: two convolutions, forward and weight gradient, and per-example signs over the "
+    "channels (B×(C_in + C_out) signs); bayesian-torch's Conv2dFlipout draws a sign per input "
+    "and per output element (two full-size uniform tensors).",
+)
+
+
+def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str], *,
+             rounds: int, min_seconds: float, warmup: int) -> dict[str, Any]:  # fmt: skip
+    """The conv table (``--conv``): writes ``speed_conv.json`` and re-renders ``speed.md``."""
+    notes: list[str] = list(args.note)
+    impls = _conv_impls(notes, peers=not args.no_peers)
+    for note in notes:
+        print("note:", note, file=sys.stderr)
+    sizes = [tuple(int(v) for v in spec.split(":")) for spec in args.conv_sizes] if (
+        args.conv_sizes) else ([(4, 6, 2)] if args.quick else list(CONV_SIZES))  # fmt: skip
+    results: dict[str, Any] = {
+        "command": ("python benchmarks/speed.py " + shlex.join(argv)).strip(),
+        "label": args.label,
+        "machine": _machine(device),
+        "config": {"rounds": rounds, "min_ms": 1e3 * min_seconds, "num_data": NUM_DATA},
+        "notes": notes,
+        "load_average": {"before": os.getloadavg()[0]},
+        "sizes": [],
+    }
+    start = time.perf_counter()
+    for channels, size, batch in sizes:
+        print(f"conv {channels}ch {size}x{size}, batch {batch} ...", file=sys.stderr, flush=True)
+        results["sizes"].append(run_conv_size(
+            channels, size, batch, impls, device, rounds=rounds, min_seconds=min_seconds,
+            warmup=warmup, notes=notes,
+        ))  # fmt: skip
+    results["load_average"]["after"] = os.getloadavg()[0]
+    results["wall_seconds"] = time.perf_counter() - start
+    results["targets"] = evaluate_conv_targets(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # One file per thread count: speed_conv.json with every CPU, speed_conv_1thread.json, ...
+    threads = torch.get_num_threads()
+    name = "speed_conv.json" if threads == os.cpu_count() else f"speed_conv_{threads}thread.json"
+    (args.out / name).write_text(json.dumps(results, indent=1) + "\n")
+    md = write_reports(args.out)
+    print(render_conv_markdown(results))
+    print(f"wrote {args.out / name} and {md}", file=sys.stderr)
+    return results
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -1056,6 +1351,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--render-only", action="store_true", help="rebuild speed.md from the JSON in --out"
     )
+    parser.add_argument(
+        "--conv", action="store_true", help="only the convolution table (speed_conv.json)"
+    )
+    parser.add_argument("--conv-sizes", nargs="+", metavar="CHANNELS:SIZE:BATCH",
+                        help="conv sizes (default 64:32:64 128:16:64)")  # fmt: skip
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `varlin bench -- --quick ...` passes the separator through
         argv = argv[1:]
@@ -1080,6 +1380,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rounds = args.rounds or 15
         min_seconds = (args.min_ms if args.min_ms is not None else 30.0) / 1e3
         warmup = 3
+
+    if args.conv:
+        return run_conv(args, device, argv, rounds=rounds, min_seconds=min_seconds,
+                        warmup=warmup)  # fmt: skip
 
     notes: list[str] = list(args.note)
     impls = _linear_impls() + _varlin_impls() + _family_impls()

@@ -25,7 +25,7 @@ from torch.distributions import Normal
 
 import varlin
 from varlin.convert import bayesian_last_layer
-from varlin.data import REGRESSION_1D_GAP, make_regression_1d
+from varlin.synthetic import REGRESSION_1D_GAP, make_regression_1d
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

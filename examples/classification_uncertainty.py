@@ -23,7 +23,7 @@ from torch import nn
 
 import varlin
 from varlin import plots
-from varlin.data import make_two_moons
+from varlin.synthetic import make_two_moons
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

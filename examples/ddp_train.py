@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import varlin
-from varlin.data import make_regression_1d
+from varlin.synthetic import make_regression_1d
 
 
 class Regressor(nn.Module):

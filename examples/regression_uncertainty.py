@@ -1,7 +1,7 @@
 """Regression with uncertainty bands: a variational MLP, split into epistemic and aleatoric parts.
 
-1. Generate the 1-D problem of ``varlin.data``: ``y = sin(3x) + 0.3x`` plus noise that grows with
-   ``x``, and no inputs in the gap ``(-0.5, 0.75)``.
+1. Generate the 1-D problem of ``varlin.synthetic``: ``y = sin(3x) + 0.3x`` plus noise that grows
+   with ``x``, and no inputs in the gap ``(-0.5, 0.75)``.
 2. Fit a ``VariationalLinear`` MLP whose last layer outputs a mean and a noise scale
    (``HeteroscedasticGaussian``) by the per-datum ELBO (``varlin.fit``).
 3. Predict with posterior samples (``varlin.predict``): the variance of the sampled means is the
@@ -22,7 +22,7 @@ from torch import nn
 
 import varlin
 from varlin import plots
-from varlin.data import REGRESSION_1D_GAP, make_regression_1d, regression_1d_mean
+from varlin.synthetic import REGRESSION_1D_GAP, make_regression_1d, regression_1d_mean
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

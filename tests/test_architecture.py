@@ -1,7 +1,7 @@
 """The dependency rule of ARCHITECTURE.md and ``__all__`` in every public module, checked by ast.
 
-The core (``functional, distributions -> posteriors, priors -> kl -> layers -> likelihoods -> elbo
--> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
+The core (``functional, distributions -> posteriors, priors -> kl -> layers -> conv, likelihoods
+-> elbo -> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
 ``data``, ``plots``, ``cli``), and within the core a module imports only modules before it in that
 order. Imports are read from the source with :mod:`ast`, so lazy imports inside functions count
 too.
@@ -27,6 +27,7 @@ CORE_LAYERS = {
     "priors": 2,
     "kl": 3,
     "layers": 4,
+    "conv": 5,
     "likelihoods": 5,
     "elbo": 6,
     # Below predictive and convert: its exact head (ExactLinear) is what the closed-form
@@ -214,3 +215,71 @@ def test_import_varlin_does_not_need_the_plots_extra() -> None:
     code = "import sys, varlin; sys.exit('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def _dynamic_imports(tree: ast.Module) -> set[str]:
+    """varlin submodules named in ``importlib.import_module("varlin.x")`` calls."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            parts = node.args[0].value.split(".")
+            if parts[0] == "varlin" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the varlin modules it imports, statically, lazily or through importlib."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = _tree(path)
+        internal = _imports(tree)[0] | _dynamic_imports(tree)
+        graph[name] = {m for m in internal if m in modules and m != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as ``[a, b, ..., a]``, or ``None`` (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)) is not None:
+            return found
+    return None
+
+
+def test_the_cycle_check_finds_cycles_and_importlib_imports() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    tree = ast.parse('importlib.import_module("varlin.uci")\nimportlib.import_module("os")')
+    assert _dynamic_imports(tree) == {"uci"}
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    """No import circle anywhere in the package, lazy and importlib imports included: shared
+    pieces (errors, checkpoints) live below every module that uses them."""
+    graph = _import_graph()
+    assert {"cli", "uci", "training", "loop", "ensemble"} <= set(graph)
+    cycle = _cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])

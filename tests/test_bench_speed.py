@@ -92,3 +92,31 @@ def test_quick_run_has_the_posterior_family_rows(tmp_path: Path) -> None:
     d = (full["in_features"] + 1) * full["out_features"]
     assert full["memory"]["varlin.full"]["parameters"] == (2 * d + d * d) * 4
     assert "full covariance" in (tmp_path / "speed.md").read_text()
+
+
+def test_quick_conv_run_writes_the_convolution_table(tmp_path: Path) -> None:
+    """Issue 13's table: nn.Conv2d, varlin's three estimators and its posterior mean, the peers
+    that import; ratios to nn.Conv2d; the local target and the same-estimator comparisons."""
+    speed = _load_speed()
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--conv", "--quick", "--conv-sizes", "4:6:2", "--rounds", "2", "--out",
+                    str(tmp_path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "speed_conv.json").read_text())
+    assert {"command", "machine", "config", "sizes", "targets", "load_average"} <= set(data)
+    (size,) = data["sizes"]
+    assert (size["channels"], size["size"], size["batch"]) == (4, 6, 2)
+    expected = {"nn.Conv2d"} | {f"varlin.{e}" for e in speed.VARLIN_ESTIMATORS}
+    assert expected <= set(size["train"])
+    assert expected | {"varlin.deterministic"} <= set(size["inference"])
+    for table in (size["train"], size["inference"]):
+        for entry in table.values():
+            assert _positive(entry["median_ms"]) and _positive(entry["ratio"])
+            assert entry["baseline"] == "nn.Conv2d" and len(entry["times_ms"]) == 2
+    assert size["train"]["nn.Conv2d"]["ratio"] == 1.0
+    targets = {row["target"] for row in data["targets"]}
+    assert "train varlin.local at 4ch 6×6" in targets
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "## Convolutions (issue 13)" in markdown and "load average" in markdown

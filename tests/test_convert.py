@@ -159,10 +159,10 @@ def test_nested_modules_are_converted_and_the_rest_left_alone() -> None:
     bnn = to_variational(net)
     assert _variational_names(bnn) == ["body.0", "body.2.proj", "head"]
     assert _linear_names(bnn) == []
-    # Non-linear parts keep their type and values.
-    assert isinstance(bnn.conv, nn.Conv1d) and isinstance(bnn.body[1], nn.ReLU)
+    # The convolution is converted too (issue 13); the other parts keep their type and values.
+    assert isinstance(bnn.conv, varlin.VariationalConv1d) and isinstance(bnn.body[1], nn.ReLU)
     assert isinstance(bnn.body[2].norm, nn.LayerNorm) and isinstance(bnn.dropout, nn.Dropout)
-    assert torch.equal(bnn.conv.weight, net.conv.weight)
+    assert torch.equal(bnn.conv.kernel_loc, net.conv.weight)
     assert torch.equal(bnn.body[2].norm.weight, net.body[2].norm.weight)
     assert bnn.body[2].proj.b_posterior is None  # bias=False carried over
     x = torch.randn(5, 4, dtype=F64)
@@ -200,8 +200,7 @@ def test_copy_leaves_the_original_untouched() -> None:
     assert _linear_names(net) == ["body.0", "body.2.proj", "head"]
     assert _variational_names(net) == []
     with torch.no_grad():
-        bnn.conv.weight.add_(1.0)
-        for layer in varlin.variational_layers(bnn):
+        for layer in varlin.variational_layers(bnn):  # the convolution is one of them
             layer.w_loc.add_(1.0)
     for name, value in net.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -275,7 +274,12 @@ def test_filter_predicate_sees_names_and_modules() -> None:
         return name.startswith("body")
 
     bnn = to_variational(_Net(), layers=pick)
-    assert seen == [("body.0", nn.Linear), ("body.2.proj", nn.Linear), ("head", nn.Linear)]
+    assert seen == [
+        ("conv", nn.Conv1d),  # convolutions are candidates too (issue 13)
+        ("body.0", nn.Linear),
+        ("body.2.proj", nn.Linear),
+        ("head", nn.Linear),
+    ]
     assert _variational_names(bnn) == ["body.0", "body.2.proj"]
     assert _linear_names(bnn) == ["head"]
 
@@ -643,3 +647,120 @@ def test_bayesian_last_layer_example_runs() -> None:
     metrics = module.main(["--n-train", "64", "--epochs", "5", "--pretrain-steps", "50"])
     assert {"det_nll", "bll_nll", "bll_rmse", "noise_scale"} <= metrics.keys()
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+# -- convolutions (issue 13) --------------------------------------------------------------------
+def _cnn(dtype: torch.dtype = F64) -> nn.Sequential:
+    """Every conv dimension and geometry option once, ending in a linear head."""
+
+    class To3d(nn.Module):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return h.unsqueeze(2).expand(-1, -1, 3, -1, -1)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular"),  # (N, 2, 12) -> (N, 4, 12)
+            nn.ReLU(),
+            nn.Unflatten(2, (3, 4)),  # -> (N, 4, 3, 4)
+            nn.Conv2d(4, 6, (2, 3), stride=(1, 2), padding=1, groups=2),
+            nn.Tanh(),
+            To3d(),
+            nn.Conv3d(6, 4, 2, dilation=(1, 2, 1), padding_mode="reflect", padding=1, bias=False),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        ).to(dtype)
+
+
+def _converted_cnn(dtype: torch.dtype = F64, **kwargs: Any) -> tuple[nn.Sequential, nn.Module]:
+    net = _cnn(dtype)
+    x = torch.randn(5, 2, 12, dtype=dtype)
+    net(x)  # initialise the lazy head
+    return net, to_variational(net, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_converted_cnn_in_deterministic_mode_is_the_original(dtype: torch.dtype) -> None:
+    net, bnn = _converted_cnn(dtype)
+    kinds = [type(m) for m in bnn.modules() if isinstance(m, varlin.layers.BayesianLinearBase)]
+    assert kinds == [
+        varlin.VariationalConv1d, varlin.VariationalConv2d, varlin.VariationalConv3d,
+        varlin.VariationalLinear,
+    ]  # fmt: skip
+    for source, layer in ((net[0], bnn[0]), (net[3], bnn[3]), (net[6], bnn[6])):
+        assert torch.equal(layer.kernel_loc, source.weight)
+        assert (layer.stride, layer.padding, layer.dilation, layer.groups) == (
+            source.stride, source.padding, source.dilation, source.groups,
+        )  # fmt: skip
+        assert layer.padding_mode == source.padding_mode and layer.has_bias == (
+            source.bias is not None
+        )
+    x = torch.randn(7, 2, 12, dtype=dtype)
+    tol = {"rtol": 0.0, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-6}
+    with torch.no_grad(), varlin.deterministic(bnn):
+        torch.testing.assert_close(bnn(x), net(x), **tol)
+    with torch.no_grad():
+        assert not torch.equal(bnn(x), bnn(x))  # outside, it samples
+
+
+def test_a_bare_convolution_converts_to_its_variational_layer() -> None:
+    conv = nn.Conv2d(3, 4, 3, stride=2, bias=False).double()
+    layer = to_variational(conv)
+    assert isinstance(layer, varlin.VariationalConv2d)
+    assert torch.equal(layer.w_loc, conv.weight.reshape(4, -1).T) and layer.b_loc is None
+    assert torch.allclose(layer.w_scale, torch.full((27, 4), 1e-3, dtype=F64))
+    x = torch.randn(2, 3, 9, 9, dtype=F64)
+    with varlin.deterministic(layer):
+        torch.testing.assert_close(layer(x), conv(x), rtol=0.0, atol=1e-13)
+
+
+def test_selection_by_name_predicate_and_last_covers_convolutions() -> None:
+    net, _ = _converted_cnn()
+
+    def names(model: nn.Module) -> list[str]:
+        return [
+            n for n, m in model.named_modules() if isinstance(m, varlin.layers.BayesianLinearBase)
+        ]
+
+    assert names(to_variational(net, layers=["3", "8"])) == ["3", "8"]
+    assert names(to_variational(net, layers=lambda n, m: isinstance(m, nn.Conv3d))) == ["6"]
+    assert names(to_variational(net, layers="last")) == ["8"]
+    with pytest.raises(ValueError, match=r"'1', which is a ReLU, not an nn.Linear or "
+                       r"nn.Conv1d/2d/3d; convertible nn.Conv1d and nn.Conv2d and nn.Conv3d and "
+                       r"nn.Linear modules are: '0', '3', '6', '8'"):  # fmt: skip
+        to_variational(net, layers=["1"])
+
+
+def test_moped_and_prior_at_weights_on_a_convolution() -> None:
+    conv = nn.Conv1d(2, 3, 2).double()
+    with torch.no_grad():
+        conv.weight[0, 0, 0] = 0.0
+    layer = to_variational(conv, init_scale="moped", moped_delta=0.2, prior_at_weights=True,
+                           prior=varlin.priors.normal(0.3))  # fmt: skip
+    assert isinstance(layer, varlin.VariationalConv1d)
+    expected = (0.2 * conv.weight.abs()).clamp_min(MOPED_MIN_SCALE)
+    torch.testing.assert_close(layer.kernel_scale, expected, rtol=1e-10, atol=0.0)
+    assert layer.b_scale is not None
+    torch.testing.assert_close(layer.b_scale, (0.2 * conv.bias.abs()).clamp_min(MOPED_MIN_SCALE))
+    state = layer.state_dict()
+    assert torch.equal(state["w_prior.loc"], conv.weight.reshape(3, -1).T)
+    assert torch.equal(state["b_prior.loc"], conv.bias)
+    # Prior centred at the means: the KL counts only the scales.
+    s = torch.cat([layer.w_scale.flatten(), layer.b_scale.flatten()])
+    kl = (torch.log(0.3 / s) + s**2 / (2 * 0.3**2) - 0.5).sum()
+    torch.testing.assert_close(layer.kl_divergence(), kl, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("family", [{"posterior": "lowrank", "rank": 2}, {"estimator": "flipout"}])
+def test_converted_cnn_state_dict_round_trips(family: dict[str, Any]) -> None:
+    net, bnn = _converted_cnn(**family, init_scale="moped", prior_at_weights=True)
+    _, other = _converted_cnn(**family, init_scale=0.5, prior_at_weights=True)
+    other.load_state_dict(bnn.state_dict())
+    for key, value in bnn.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+    x = torch.randn(3, 2, 12, dtype=F64)
+    with torch.no_grad(), varlin.deterministic(bnn), varlin.deterministic(other):
+        assert torch.equal(other(x), bnn(x))
+    assert torch.equal(varlin.kl_divergence(other), varlin.kl_divergence(bnn))
+    for layer in varlin.variational_layers(other):
+        assert layer.posterior_name == family.get("posterior", "meanfield")

@@ -515,3 +515,28 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("VARLIN_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "varlin" / "uci"
+
+
+# ------------------------------------------------------------------------------------------------
+# The checksum table is package data
+# ------------------------------------------------------------------------------------------------
+
+
+def test_checksums_are_read_from_the_package_data_file() -> None:
+    """(tests/test_packaging.py checks that the wheel ships every data file of the package.)"""
+    import importlib.resources
+    import json
+
+    from varlin.data import UCI_SOURCE_COMMIT
+
+    table = json.loads(
+        importlib.resources.files("varlin").joinpath("uci_sha256.json").read_text("utf-8")
+    )
+    assert table["commit"] == UCI_SOURCE_COMMIT
+    assert list(table["sha256"]) == list(UCI_DATASETS)
+    assert {name: dict(files) for name, files in UCI_SHA256.items()} == table["sha256"]
+    for files in UCI_SHA256.values():
+        assert {"data.txt", "index_train_0.txt", "n_splits.txt"} <= set(files)
+        assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in files.values())
+    with pytest.raises(TypeError):
+        UCI_SHA256["yacht"]["data.txt"] = "0" * 64  # type: ignore[index]

@@ -48,13 +48,32 @@ NUM_DATA = 64  # global dataset size N for the KL scaling: the step is a minibat
 LR = 0.1
 #: "lowrank": the same-noise step for a model whose layers have a low-rank posterior (their
 #: weight samples draw the diagonal and the factor noise from the layer's generator).
-MODES = ("deterministic", "same_noise", "lowrank")
+#: "conv": the same-noise step for a small CNN (variational convolutions, issue 13).
+MODES = ("deterministic", "same_noise", "lowrank", "conv")
 FIT_DATA, FIT_BATCH = 64, 8
 
 
 # -- helpers shared by the workers and the single-process reference ---------------------------
+def _conv_model() -> nn.Module:
+    """A small float64 CNN on the rows of ``_data`` read as 1-channel signals, identical on
+    every rank; reparameterization noise from identically seeded generators (one kernel per
+    layer per call, as in "same_noise")."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        first = varlin.VariationalConv1d(1, 4, 2, padding=1, init_scale=0.1, dtype=F64)
+        second = varlin.VariationalConv1d(
+            4, 2, 2, groups=2, padding_mode="replicate", padding=1, init_scale=0.1, dtype=F64
+        )
+        head = varlin.VariationalLinear(2 * (IN + 2), OUT, init_scale=0.1, dtype=F64)
+    for seed, layer in enumerate((first, second, head)):
+        layer.generator = torch.Generator().manual_seed(200 + seed)
+    return nn.Sequential(nn.Unflatten(1, (1, IN)), first, nn.Tanh(), second, nn.Flatten(), head)
+
+
 def _model(mode: str) -> nn.Module:
     """A small float64 network, identical on every rank (fixed seed, caller's RNG untouched)."""
+    if mode == "conv":
+        return _conv_model()
     family: dict[str, Any] = {"posterior": "lowrank", "rank": 2} if mode == "lowrank" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -94,6 +94,26 @@ def test_classification_uncertainty(tmp_path: Path):
     assert 0.0 < out["max_entropy"] <= math.log(2) + 1e-6
 
 
+def test_cnn_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Variational CNN on the bundled 8x8 digits (issue 13), 300 training images, 20 epochs."""
+    pytest.importorskip("sklearn")
+    png = tmp_path / "cnn.png"
+    out = load("cnn_digits").main(
+        ["--epochs", "20", "--channels", "4", "--n-train", "300", "--samples", "8",
+         "--angles", "3", "--out", str(png)]
+    )  # fmt: skip
+    assert_png(png)
+    assert 0.5 <= out["accuracy"] <= 1.0  # chance is 0.1
+    assert 0.0 <= out["ece"] <= 1.0 and math.isfinite(out["test_nll"])
+    for key in ("entropy_upright", "entropy_rotated"):
+        assert 0.0 < out[key] <= math.log(10) + 1e-6
+    for key in ("mutual_information_upright", "mutual_information_rotated"):
+        assert 0.0 <= out[key] <= out[key.replace("mutual_information", "entropy")]
+    # Rotated digits are out of distribution: the predictive entropy rises.
+    assert out["entropy_rotated"] > out["entropy_upright"]
+    assert "rotated 180.0 deg" in capsys.readouterr().out
+
+
 def test_bayesian_last_layer():
     """Written by another author; smoke-tested here through its ``main(argv)`` when present."""
     module = load("bayesian_last_layer")

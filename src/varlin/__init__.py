@@ -4,11 +4,24 @@ Linear layers whose weights carry a variational posterior, trained by maximising
 to predict with calibrated uncertainty. See ``docs/explanation.md`` for the math.
 """
 
-from . import conjugate, convert, functional, kl, likelihoods, metrics, posteriors, priors
+from . import (
+    conjugate,
+    conv,
+    convert,
+    ensemble,
+    functional,
+    kl,
+    likelihoods,
+    metrics,
+    posteriors,
+    priors,
+)
 from ._validation import validation
 from .conjugate import BayesianLinearRegression
+from .conv import VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .convert import bayesian_last_layer, bayesian_last_layer_, to_variational, to_variational_
 from .elbo import ELBO, ELBOTerms
+from .ensemble import fit_ensemble
 from .layers import (
     LinearVariationalNormal,
     VariationalLinear,
@@ -30,6 +43,8 @@ __all__ = [
     "History",
     "RegressionPrediction",
     "fit",
+    "fit_ensemble",
+    "ensemble",
     "likelihoods",
     "metrics",
     "predict",
@@ -38,9 +53,13 @@ __all__ = [
     "LinearVariationalNormal",
     "MeanFieldNormal",
     "VariationalLinear",
+    "VariationalConv1d",
+    "VariationalConv2d",
+    "VariationalConv3d",
     "bayesian_last_layer",
     "bayesian_last_layer_",
     "conjugate",
+    "conv",
     "convert",
     "deterministic",
     "functional",

@@ -48,9 +48,11 @@ def is_validating() -> bool:
     """Whether value checks are on in the current context (see :func:`validation`).
 
     Always ``False`` while ``torch.compile`` traces: dynamo cannot trace ``ContextVar.get``
-    (a graph break in every layer), and the value checks force a device sync anyway.
+    (a graph break in every layer), and the value checks force a device sync anyway. Also
+    ``False`` under ``torch.func`` transforms (``vmap`` over stacked models): a value check is
+    data-dependent control flow, which they cannot run.
     """
-    if _is_compiling():
+    if _is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return _VALIDATE.get()
 

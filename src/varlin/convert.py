@@ -1,10 +1,11 @@
 r"""Make deterministic networks variational: ``to_variational(model)`` and a Bayesian last layer.
 
-:func:`to_variational` replaces chosen :class:`torch.nn.Linear` modules of a (usually trained)
-network by :class:`varlin.VariationalLinear` layers whose posterior means are the deterministic
-weights, so the converted model, in :func:`varlin.deterministic` mode, computes what the original
-computed; a short ELBO fine-tune then learns the posterior scales. Selection is by type
-(``isinstance(module, nn.Linear)``, subclasses included), never by class-name strings.
+:func:`to_variational` replaces chosen :class:`torch.nn.Linear` and ``nn.Conv1d``/``2d``/``3d``
+modules of a (usually trained) network by :class:`varlin.VariationalLinear` and
+:class:`varlin.VariationalConv1d`/``2d``/``3d`` layers whose posterior means are the
+deterministic weights, so the converted model, in :func:`varlin.deterministic` mode, computes what
+the original computed; a short ELBO fine-tune then learns the posterior scales. Selection is by
+type (``isinstance(module, nn.Linear)``, subclasses included), never by class-name strings.
 
 Two initialisations of the posterior scales:
 
@@ -41,6 +42,7 @@ from . import _validation as V
 from . import functional
 from . import priors as _priors
 from .conjugate import ExactLinear
+from .conv import BayesianConvBase, VariationalConv1d, VariationalConv2d, VariationalConv3d
 from .layers import BayesianLinearBase, Estimator, Posterior, VariationalLinear, variational_layers
 
 __all__ = [
@@ -60,6 +62,15 @@ MOPED_MIN_SCALE = 1e-5
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 LayerSelection = Literal["all", "last"] | Callable[[str, nn.Module], bool] | Iterable[str]
+
+#: The deterministic module types that are converted, and what each becomes.
+CONVERTIBLE: dict[type[nn.Module], type[BayesianLinearBase]] = {
+    nn.Linear: VariationalLinear,
+    nn.Conv1d: VariationalConv1d,
+    nn.Conv2d: VariationalConv2d,
+    nn.Conv3d: VariationalConv3d,
+}
+_KINDS = "nn.Linear or nn.Conv1d/2d/3d"
 
 # Modules that read their child ``nn.Linear``'s ``.weight`` directly instead of calling it:
 # replacing that child would break them, so automatic selection skips it.
@@ -182,8 +193,13 @@ def _check_selection(layers: Any) -> str | Callable[[str, nn.Module], bool] | li
     raise TypeError(f"{rule}, got {V.describe(layers)}")
 
 
-def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """``(name, module)`` of every convertible ``nn.Linear``, first name of shared ones."""
+def _convertible(module: nn.Module) -> bool:
+    return isinstance(module, tuple(CONVERTIBLE)) and not isinstance(module, BayesianLinearBase)
+
+
+def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every convertible module (:data:`CONVERTIBLE`), first name of
+    shared ones."""
     skipped: set[int] = set()
     for module in model.modules():
         if isinstance(module, _READS_CHILD_WEIGHTS):
@@ -191,16 +207,25 @@ def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and not isinstance(module, BayesianLinearBase)
-        and id(module) not in skipped
+        if _convertible(module) and id(module) not in skipped
     ]
 
 
-def _select(model: nn.Module, layers: Any) -> list[nn.Linear]:
-    """The ``nn.Linear`` modules chosen by ``layers`` (distinct, in module order)."""
+def _kind_names(modules: Iterable[nn.Module]) -> str:
+    """``"nn.Linear"``, ``"nn.Linear and nn.Conv2d"``, ...: the convertible types present."""
+    kinds = []
+    for module in modules:
+        kind = next(f"nn.{k.__name__}" for k in CONVERTIBLE if isinstance(module, k))
+        if kind not in kinds:
+            kinds.append(kind)
+    return " and ".join(kinds) or "nn.Linear"
+
+
+def _select(model: nn.Module, layers: Any) -> list[nn.Module]:
+    """The convertible modules chosen by ``layers`` (distinct, in module order)."""
     candidates = _linear_candidates(model)
     available = ", ".join(repr(n) for n, _ in candidates) or "none"
+    kinds = _kind_names(m for _, m in candidates)
     if layers == "all":
         chosen = [m for _, m in candidates]
     elif layers == "last":
@@ -215,15 +240,15 @@ def _select(model: nn.Module, layers: Any) -> list[nn.Linear]:
             if name not in every:
                 raise ValueError(
                     f"layers names {name!r}, which is not a submodule of the model; its "
-                    f"convertible nn.Linear modules are: {available}"
+                    f"convertible {kinds} modules are: {available}"
                 )
             module = every[name]
             if isinstance(module, BayesianLinearBase):
                 continue  # already variational: nothing to do
-            if not isinstance(module, nn.Linear):
+            if not _convertible(module):
                 raise ValueError(
                     f"layers names {name!r}, which is a {type(module).__name__}, not an "
-                    f"nn.Linear; convertible nn.Linear modules are: {available}"
+                    f"{_KINDS}; convertible {kinds} modules are: {available}"
                 )
             if id(module) not in convertible:
                 raise ValueError(
@@ -235,8 +260,9 @@ def _select(model: nn.Module, layers: Any) -> list[nn.Linear]:
     if not chosen:
         shown = layers if isinstance(layers, str) else getattr(layers, "__name__", layers)
         raise ValueError(
-            f"no nn.Linear module of the model matches layers={shown!r} (already variational "
-            f"layers are skipped); convertible nn.Linear modules are: {available}"
+            f"no nn.Linear module of the model matches layers={shown!r}, nor any "
+            f"nn.Conv1d/2d/3d (already variational layers are skipped); convertible {kinds} "
+            f"modules are: {available}"
         )
     return chosen
 
@@ -256,8 +282,25 @@ def _prior_scale(prior: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return built.tensor("scale").detach().to(device=like.device, dtype=like.dtype)
 
 
+def _geometry(module: nn.Module) -> dict[str, Any]:
+    """The constructor arguments that fix the map's shape, for the variational counterpart."""
+    if isinstance(module, nn.Linear):
+        return {"in_features": module.in_features, "out_features": module.out_features}
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "padding_mode": module.padding_mode,
+    }
+
+
 def _variational_from(
-    linear: nn.Linear,
+    module: nn.Module,
     *,
     prior: Any,
     init_scale: float | Literal["moped"],
@@ -265,20 +308,25 @@ def _variational_from(
     prior_at_weights: bool,
     estimator: str,
     family: dict[str, Any],
-) -> VariationalLinear:
-    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+) -> BayesianLinearBase:
+    weight = module.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
         raise TypeError(
-            f"cannot convert a {type(linear).__name__} whose weight is not initialised yet; "
+            f"cannot convert a {type(module).__name__} whose weight is not initialised yet; "
             "run one forward pass through the model first"
         )
-    if not linear.weight.is_floating_point():
+    assert isinstance(weight, Tensor)
+    kind = "nn.Linear" if isinstance(module, nn.Linear) else type(module).__name__
+    if not weight.is_floating_point():
         raise TypeError(
-            f"cannot convert an nn.Linear with weight dtype {linear.weight.dtype}; a variational "
+            f"cannot convert an {kind} with weight dtype {weight.dtype}; a variational "
             "layer needs floating-point weights"
         )
-    # VariationalLinear stores W as (in, out) for y = x @ W + b; nn.Linear stores (out, in).
-    loc_w = linear.weight.detach().t()
-    loc_b = None if linear.bias is None else linear.bias.detach()
+    # The variational layers store W as (in, out) for y = x @ W + b; nn.Linear stores
+    # (out, in), a convolution (out, in/groups, *kernel_size): its kernel as that matrix.
+    loc_w = weight.detach().reshape(weight.shape[0], -1).t()
+    bias = module.bias
+    loc_b = bias.detach() if isinstance(bias, Tensor) else None
     make_w: Any = prior
     make_b: Any = prior if loc_b is not None else None
     if prior_at_weights:
@@ -290,13 +338,13 @@ def _variational_from(
             make_w = _priors.learned(make_w, per_output=learn == "output")
             make_b = make_b and _priors.learned(make_b, per_output=learn == "output")
     device, dtype = loc_w.device, loc_w.dtype
+    cls = next(v for k, v in CONVERTIBLE.items() if isinstance(module, k))
     # The constructor's nn.Linear-style random init is overwritten below; fork the RNG so that
     # converting a model does not advance the caller's random stream.
     devices = [device] if device.type not in ("cpu", "meta") else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
-        layer = VariationalLinear(
-            linear.in_features,
-            linear.out_features,
+        layer = cls(
+            **_geometry(module),
             bias=loc_b is not None,
             make_weights_prior=make_w,
             make_bias_prior=make_b,
@@ -317,7 +365,7 @@ def _variational_from(
             if b_mean is not None:
                 b_scale = (moped_delta * b_mean.double().abs()).clamp_min(MOPED_MIN_SCALE)
             layer.set_marginal_scale(w_scale, b_scale)
-    layer.train(linear.training)
+    layer.train(module.training)
     return layer
 
 
@@ -336,6 +384,22 @@ def to_variational_(
     rank: int | None = ...,
     factors: str | None = ...,
 ) -> VariationalLinear: ...
+
+
+@overload
+def to_variational_(
+    model: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    *,
+    layers: LayerSelection = ...,
+    prior: Any = ...,
+    init_scale: float | Literal["moped"] = ...,
+    moped_delta: float = ...,
+    prior_at_weights: bool = ...,
+    estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
+) -> BayesianConvBase: ...
 
 
 @overload
@@ -367,15 +431,15 @@ def to_variational_(
     rank: int | None = None,
     factors: str | None = None,
 ) -> nn.Module:
-    r"""Replace chosen ``nn.Linear`` modules of ``model`` by :class:`~varlin.VariationalLinear`,
-    in place.
+    r"""Replace chosen ``nn.Linear`` and ``nn.Conv1d/2d/3d`` modules of ``model`` by variational
+    layers, in place.
 
     Same arguments as :func:`to_variational`, which works on a copy. All arguments are checked
     and every new layer is built before ``model`` is touched, so an error leaves it unchanged.
 
     Returns:
-        ``model`` itself; or, when ``model`` is itself an ``nn.Linear`` (there is no parent to
-        put the replacement into), the new :class:`~varlin.VariationalLinear`.
+        ``model`` itself; or, when ``model`` is itself an ``nn.Linear`` or a convolution (there
+        is no parent to put the replacement into), the new variational layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -434,6 +498,22 @@ def to_variational(
 
 @overload
 def to_variational(
+    model: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    *,
+    layers: LayerSelection = ...,
+    prior: Any = ...,
+    init_scale: float | Literal["moped"] = ...,
+    moped_delta: float = ...,
+    prior_at_weights: bool = ...,
+    estimator: Estimator = ...,
+    posterior: Posterior = ...,
+    rank: int | None = ...,
+    factors: str | None = ...,
+) -> BayesianConvBase: ...
+
+
+@overload
+def to_variational(
     model: ModuleT,
     *,
     layers: LayerSelection = ...,
@@ -461,20 +541,24 @@ def to_variational(
     rank: int | None = None,
     factors: str | None = None,
 ) -> nn.Module:
-    r"""A deep copy of ``model`` with chosen ``nn.Linear`` modules made variational.
+    r"""A deep copy of ``model`` with chosen ``nn.Linear`` and convolution modules made variational.
 
     Each chosen ``nn.Linear`` (``isinstance``, subclasses included) becomes a
     :class:`~varlin.VariationalLinear` with the same shape, bias, dtype, device and train/eval
     mode, whose posterior means are the deterministic weights (``loc_w = linear.weight.T``,
-    ``loc_b = linear.bias``). Inside :func:`varlin.deterministic`, the copy therefore computes
-    what ``model`` computes. All other modules (activations, normalisation, convolutions, ...)
-    are copied unchanged; ``model`` itself is not modified.
+    ``loc_b = linear.bias``); each ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` likewise becomes a
+    :class:`~varlin.VariationalConv1d`/``2d``/``3d`` with the same geometry (kernel size,
+    stride, padding and its mode, dilation, groups) whose mean kernel is the weight
+    (``loc_w = conv.weight.reshape(out_channels, -1).T``; see :mod:`varlin.conv`). Inside
+    :func:`varlin.deterministic`, the copy therefore computes what ``model`` computes. All other
+    modules (activations, normalisation, pooling, transposed convolutions, ...) are copied
+    unchanged; ``model`` itself is not modified.
 
     Args:
         model: any ``nn.Module``; nested modules and ``nn.Sequential`` are walked recursively.
-        layers: which ``nn.Linear`` modules to convert: ``"all"``; ``"last"`` (the last one in
-            module registration order, e.g. a classifier head); a predicate
-            ``(name, module) -> bool`` called on every ``nn.Linear``; or an iterable of module
+        layers: which ``nn.Linear`` and convolution modules to convert: ``"all"``; ``"last"``
+            (the last one in module registration order, e.g. a classifier head); a predicate
+            ``(name, module) -> bool`` called on every candidate; or an iterable of module
             names as in ``model.named_modules()`` (e.g. ``["body.0", "head"]``). Already
             variational layers are skipped. The ``out_proj`` of ``nn.MultiheadAttention`` is
             never converted, because the attention reads its weight directly.
@@ -501,14 +585,14 @@ def to_variational(
         factors: ``"full"`` or ``"diagonal"`` factors of ``posterior="matrix_normal"``.
 
     Returns:
-        The converted copy (a :class:`~varlin.VariationalLinear` if ``model`` is an
-        ``nn.Linear``). The new layers draw noise from torch's default generator. Forward hooks
-        registered on a replaced ``nn.Linear`` are not carried over.
+        The converted copy (the variational layer itself if ``model`` is an ``nn.Linear`` or a
+        convolution). The new layers draw noise from torch's default generator. Forward hooks
+        registered on a replaced module are not carried over.
 
     Raises:
         TypeError: ``model`` is not a module, or an argument has the wrong type.
-        ValueError: no ``nn.Linear`` matches ``layers``, a name in ``layers`` is not a module of
-            ``model`` or not an ``nn.Linear``, or ``init_scale``/``moped_delta`` is out of range.
+        ValueError: no module matches ``layers``, a name in ``layers`` is not a module of
+            ``model`` or not convertible, or ``init_scale``/``moped_delta`` is out of range.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))  # trained

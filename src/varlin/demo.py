@@ -34,17 +34,17 @@ from torch.distributions import MultivariateNormal
 
 from . import metrics, plots
 from .conjugate import BayesianLinearRegression
-from .data import (
+from .layers import LinearVariationalNormal, VariationalLinear, variational_layers
+from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian
+from .predictive import ClassificationPrediction, RegressionPrediction, predict
+from .priors import normal
+from .synthetic import (
     REGRESSION_1D_GAP,
     make_regression_1d,
     make_two_moons,
     regression_1d_mean,
     regression_1d_noise_std,
 )
-from .layers import LinearVariationalNormal, VariationalLinear, variational_layers
-from .likelihoods import Categorical, Gaussian, HeteroscedasticGaussian
-from .predictive import ClassificationPrediction, RegressionPrediction, predict
-from .priors import normal
 from .training import fit
 
 __all__ = ["run_demo", "DemoResult", "format_table", "maximise_closed_form_elbo"]

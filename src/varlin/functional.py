@@ -34,6 +34,16 @@ __all__ = [
     "inverse_softplus",
     "positive_scale",
     "ESTIMATORS",
+    "conv",
+    "mean_conv",
+    "sampled_conv",
+    "conv_moments",
+    "reparameterized_conv",
+    "local_reparameterized_conv",
+    "flipout_conv",
+    "flip_perturbation_conv",
+    "conv_patches",
+    "CONV_ESTIMATORS",
 ]
 
 
@@ -104,17 +114,26 @@ class _ShiftScaled(torch.autograd.Function):
         return grad, grad_scale, None
 
 
+def _plain_ops_only() -> bool:
+    """Whether the custom autograd Functions below must give way to the plain ops they replace.
+
+    ``torch.compile`` fuses the plain ops itself, and ``torch.func`` transforms (``vmap`` over
+    stacked models) cannot run a Function without a vmap rule.
+    """
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _shift_scaled(loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
     """``torch.addcmul(loc, scale, eps)``, with the lean backward when shapes match.
 
     Only for large tensors (the saved pass outweighs a custom Function's call overhead from
-    about 2**17 elements on a CPU), and not while tracing with ``torch.compile``, which fuses the
-    plain expression itself.
+    about 2**17 elements on a CPU), and not under ``torch.compile`` or ``torch.func.vmap``
+    (:func:`_plain_ops_only`).
     """
     if (
         loc.numel() >= 1 << 17
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not _plain_ops_only()
         and (loc.requires_grad or scale.requires_grad)
         and loc.shape == scale.shape == eps.shape
     ):
@@ -231,11 +250,12 @@ class _LocalStd(torch.autograd.Function):
 def _local_std(x: Tensor, w_scale: Tensor, b_scale: Tensor | None) -> Tensor:
     """:class:`_LocalStd` for one weight matrix when gradients flow, else the plain ops.
 
-    The plain ops also serve stacked (batched) weights and ``torch.compile``, which fuses them.
+    The plain ops also serve stacked (batched) weights, ``torch.compile`` (which fuses them) and
+    ``torch.func.vmap``.
     """
     if (
         torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not _plain_ops_only()
         and w_scale.dim() == 2
         and (b_scale is None or b_scale.dim() == 1)
     ):
@@ -294,6 +314,13 @@ def _sign_table(device: torch.device, dtype: torch.dtype) -> Tensor:
     return table
 
 
+def _from(generator: torch.Generator | None) -> dict[str, Any]:
+    """``generator=`` for a random factory, omitted when ``None``: with ``generator=None``
+    torch selects an overload that ``torch.compile`` cannot trace with a dynamic size (a batch
+    size that changed between calls)."""
+    return {} if generator is None else {"generator": generator}
+
+
 def _random_signs(
     shape: tuple[int, ...] | torch.Size,
     generator: torch.Generator | None,
@@ -306,7 +333,7 @@ def _random_signs(
     """
     n = math.prod(shape)
     words = torch.randint(
-        0, 256, ((n + 7) // 8,), generator=generator, device=like.device, dtype=torch.int64
+        0, 256, ((n + 7) // 8,), **_from(generator), device=like.device, dtype=torch.int64
     )
     signs = _sign_table(like.device, like.dtype).index_select(0, words)
     return signs.view(-1)[:n].view(shape)
@@ -409,4 +436,446 @@ ESTIMATORS = {
     "reparameterization": reparameterized_linear,
     "local": local_reparameterized_linear,
     "flipout": flipout_linear,
+}
+
+
+# -- convolutions -------------------------------------------------------------------------------
+# A convolution applies one linear map to every input patch: with the kernel
+# ``(out, in/groups, *kernel_size)`` read as the matrix ``W = kernel.reshape(out, -1).T`` of shape
+# ``(in/groups * prod(kernel_size), out)``, the output at each position is ``patch @ W + b``. The
+# functions below take the mean-field posterior in kernel layout (``w_loc``, ``w_scale`` of the
+# kernel's shape) and give every output position the moments of the linear estimators,
+#
+#     E[y] = conv(x, mu_W) + mu_b,    Var[y] = conv(x^2, sigma_W^2) + sigma_b^2,
+#
+# per example, channel and position. Positions of one example share the kernel, so their outputs
+# are correlated under the posterior: reparameterization and flipout keep that correlation (one
+# kernel per example), the local estimator samples every position independently (see
+# docs/explanation.md, "Convolutions").
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+Size = int | tuple[int, ...]
+
+
+def _normal(shape: Any, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    return torch.randn(shape, **_from(generator), device=like.device, dtype=like.dtype)
+
+
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv1d``, ``F.conv2d`` or ``F.conv3d``, chosen by the kernel's number of dimensions.
+
+    ``weight`` is ``(out, in/groups, *kernel_size)`` with 1 to 3 spatial dimensions.
+    """
+    fn = _CONVS.get(weight.dim() - 2)
+    if fn is None:
+        raise ValueError(
+            f"weight must have shape (out, in/groups, *kernel_size) with 1 to 3 spatial "
+            f"dimensions, got shape {tuple(weight.shape)}"
+        )
+    return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+def mean_conv(
+    x: Tensor,
+    w_loc: Tensor,
+    b_loc: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+) -> Tensor:
+    """The posterior-mean convolution, bit-identical to ``F.conv*d(x, w_loc, b_loc, ...)``."""
+    return conv(x, w_loc, b_loc, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _geometry(stride: Size, padding: Size | str, dilation: Size, groups: int) -> dict[str, Any]:
+    return {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+
+
+def _kernel_noise(
+    x: Tensor,
+    w_loc: Tensor,
+    b_loc: Tensor | None,
+    generator: torch.Generator | None,
+    num_weight_samples: int | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Standard normals of the kernel's and the bias's shape, ``S`` of each for ``S`` slices."""
+    lead = () if num_weight_samples is None else (_check_sample_dim(x, num_weight_samples),)
+    eps = _normal((*lead, *w_loc.shape), generator, w_loc)
+    return eps, None if b_loc is None else _normal((*lead, *b_loc.shape), generator, b_loc)
+
+
+def _conv_rows(x: Tensor, num_weight_samples: int | None) -> tuple[Tensor, int | None, bool]:
+    """The batch that the noise-free parts of an estimator see, ``(B, C, *spatial)``.
+
+    Returns ``(rows, S, shared)``: without sample slices ``x`` itself; with ``S`` slices
+    ``x (S, N, C, ...)`` either ``x[0]`` when every slice holds the same rows (stride 0, as
+    ``x.expand(S, ...)`` makes them; computed once and broadcast), or the ``S * N`` rows folded.
+    """
+    if num_weight_samples is None:
+        return x, None, False
+    s = _check_sample_dim(x, num_weight_samples)
+    if x.stride(0) == 0:
+        return x[0], s, True
+    return x.flatten(0, 1), s, False
+
+
+def _unfold_rows(y: Tensor, s: int | None, shared: bool) -> Tensor:
+    """Undo the folding of :func:`_conv_rows` on an output (a shared one stays broadcastable)."""
+    return y if s is None or shared else y.unflatten(0, (s, -1))
+
+
+def sampled_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    """The convolution with given (sampled) kernels.
+
+    Without ``num_weight_samples``, one kernel ``(out, in/groups, *k)`` and bias ``(out,)``.
+    With ``num_weight_samples=S``, ``x`` is ``(S, N, C, *spatial)`` and ``weight`` holds ``S``
+    kernels ``(S, out, in/groups, *k)`` (``bias`` ``(S, out)``): slice ``x[s]`` is convolved with
+    kernel ``s``, all in one grouped convolution (``S * groups`` groups over ``S * C`` channels).
+    """
+    geometry = _geometry(stride, padding, dilation, groups)
+    if num_weight_samples is None:
+        return conv(x, weight, bias, **geometry)
+    s = _check_sample_dim(x, num_weight_samples)
+    if weight.shape[0] != s:
+        raise ValueError(
+            f"weight must hold num_weight_samples={s} kernels along dimension 0, got shape "
+            f"{tuple(weight.shape)}"
+        )
+    n, c = x.shape[1], x.shape[2]
+    folded = x.transpose(0, 1).reshape(n, s * c, *x.shape[3:])
+    kernels = weight.reshape(s * weight.shape[1], *weight.shape[2:])
+    geometry["groups"] = s * groups
+    y = conv(folded, kernels, None if bias is None else bias.reshape(-1), **geometry)
+    return y.view(n, s, -1, *y.shape[2:]).transpose(0, 1)
+
+
+def conv_moments(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    r"""Exact mean and variance of every output of a mean-field convolution, for a fixed ``x``.
+
+    .. math::
+        \mathbb E[y] = x \star \mu_W + \mu_b,\qquad
+        \operatorname{Var}[y] = x^2 \star \sigma_W^2 + \sigma_b^2,
+
+    per example, output channel and position (:math:`\star`: the convolution). The marginals
+    of the output: positions that share a kernel are correlated, which this does not describe.
+    """
+    geometry = _geometry(stride, padding, dilation, groups)
+    mean = conv(x, w_loc, b_loc, **geometry)
+    return mean, _conv_variance(x, w_scale, b_scale, geometry, mean.dtype)
+
+
+def _conv_variance(
+    x: Tensor, w_scale: Tensor, b_scale: Tensor | None, geometry: dict[str, Any], dtype: Any
+) -> Tensor:
+    b_var = None if b_scale is None else b_scale * b_scale
+    # torch.is_autocast_enabled raises for the meta device (shape inference, deferred init).
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+        # x**2 overflows float16 for |x| > 256: the variance path stays in full precision.
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(w_scale.dtype)
+            return conv(xf * xf, w_scale * w_scale, b_var, **geometry).to(dtype)
+    return conv(x * x, w_scale * w_scale, b_var, **geometry)
+
+
+def reparameterized_conv(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Sample the kernel once, :math:`W = \mu + \sigma\odot\epsilon`, and convolve with it.
+
+    One kernel sample per call, shared by every example and position of the batch (the
+    reparameterization estimator of :func:`reparameterized_linear`). With
+    ``num_weight_samples=S``, ``x`` is ``(S, N, C, *spatial)`` and each slice gets its own kernel
+    (one grouped convolution).
+
+    Args:
+        x: input ``(N, C, *spatial)`` (or ``(C, *spatial)``).
+        w_loc, w_scale: kernel posterior mean and std, ``(out, in/groups, *kernel_size)``.
+        b_loc, b_scale: bias posterior mean and std, ``(out,)``, or ``None``.
+        stride, padding, dilation, groups: as for ``F.conv2d``.
+        generator: source of the noise.
+        num_weight_samples: ``S`` independent kernels for the ``S`` leading slices of ``x``.
+    """
+    eps, eps_b = _kernel_noise(x, w_loc, b_loc, generator, num_weight_samples)
+    weight = _shift_scaled(w_loc, w_scale, eps)
+    bias = None
+    if b_loc is not None and eps_b is not None:
+        assert b_scale is not None
+        bias = torch.addcmul(b_loc, b_scale, eps_b)
+    return sampled_conv(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        num_weight_samples=num_weight_samples,
+    )  # fmt: skip
+
+
+def local_reparameterized_conv(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Local reparameterization for a convolution: sample every output from its marginal.
+
+    .. math::
+        y = x\star\mu_W + \mu_b + \sqrt{x^2\star\sigma_W^2 + \sigma_b^2}\odot\epsilon,
+
+    two convolutions and one normal per output, no kernel-sized noise (Kingma, Salimans &
+    Welling 2015; Molchanov et al. 2017 for convolutions). Each output has the exact marginal
+    of :func:`reparameterized_conv`'s, but outputs at different positions of one example get
+    independent noise, where one sampled kernel would correlate them. Independent per output,
+    so ``num_weight_samples`` needs no special handling beyond the shape.
+    """
+    geometry = _geometry(stride, padding, dilation, groups)
+    rows, s, shared = _conv_rows(x, num_weight_samples)
+    mean = conv(rows, w_loc, b_loc, **geometry)
+    if s is None and _lean_local(rows, w_scale, b_scale, padding):
+        eps = _normal(mean.shape, generator, mean)
+        return _LocalConv.apply(mean, rows, w_scale, b_scale, eps, geometry)
+    var = _conv_variance(rows, w_scale, b_scale, geometry, mean.dtype)
+    # clamp: the gradient of sqrt at 0 is infinite; below `tiny` the variance is 0 anyway.
+    std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
+    mean, std = _unfold_rows(mean, s, shared), _unfold_rows(std, s, shared)
+    shape = (s, *mean.shape) if shared else mean.shape
+    eps = _normal(shape, generator, mean)
+    return torch.addcmul(mean, std, eps)
+
+
+def _lean_local(x: Tensor, w_scale: Tensor, b_scale: Tensor | None, padding: Any) -> bool:
+    """Whether :class:`_LocalConv` applies: gradients flow, no autocast or tracing, and a
+    batched input and a padding that ``convolution_backward`` takes (numbers or ``"valid"``)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not (
+        w_scale.requires_grad or x.requires_grad or (b_scale is not None and b_scale.requires_grad)
+    ):
+        return False
+    if x.device.type == "meta" or torch.is_autocast_enabled(x.device.type):
+        return False
+    batched = x.dim() == w_scale.dim()
+    return batched and (not isinstance(padding, str) or padding == "valid")
+
+
+class _LocalConv(torch.autograd.Function):
+    r"""``mean + sqrt(x^2 * w_scale^2 + b_scale^2) * eps`` (``*``: the convolution) with a
+    lean backward.
+
+    Forward: ``x * x``, one convolution, the clamp at ``tiny`` and the square root in place, one
+    ``addcmul``. Backward, with :math:`g = 2\,\partial L/\partial v = \text{grad}\,\epsilon /
+    \text{std}` (0 where the clamp was active, as clamp's backward): the gradient of
+    :math:`\sigma_W` is the convolution's weight gradient of ``x^2`` and ``g`` times
+    :math:`\sigma_W`; ``grad`` passes to ``mean`` uncopied. Autograd through the plain ops takes
+    about twice the passes over the output.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        mean: Tensor,
+        x: Tensor,
+        w_scale: Tensor,
+        b_scale: Tensor | None,
+        eps: Tensor,
+        geometry: dict[str, Any],
+    ) -> Tensor:
+        x2 = x * x
+        b_var = None if b_scale is None else b_scale * b_scale
+        s2 = w_scale * w_scale
+        std = conv(x2, s2, b_var, **geometry)
+        tiny = torch.finfo(std.dtype).tiny
+        # On the CPU one reduction (and a free sync) tells whether the clamp acts anywhere,
+        # which it almost never does; then neither the clamp nor the backward's mask is needed
+        # (three passes fewer).
+        ctx.clamped = std.device.type != "cpu" or bool(std.min() < tiny)
+        if ctx.clamped:
+            std.clamp_min_(tiny)
+        std.sqrt_()
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, x2, w_scale, s2,
+                              b_scale, std, eps)  # fmt: skip
+        ctx.geometry = geometry
+        return torch.addcmul(mean, std, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, x2, w_scale, s2, b_scale, std, eps = ctx.saved_tensors
+        g = torch.mul(grad, eps).div_(std)
+        if ctx.clamped:  # where the variance was clamped (std == sqrt(tiny)), its gradient is 0
+            g.masked_fill_(std <= math.sqrt(torch.finfo(std.dtype).tiny), 0)
+        geometry = ctx.geometry
+        d = s2.dim() - 2
+        stride, dilation = _expand(geometry["stride"], d), _expand(geometry["dilation"], d)
+        padding = _expand(0 if geometry["padding"] == "valid" else geometry["padding"], d)
+        with_bias = b_scale is not None and ctx.needs_input_grad[3]
+        mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2], with_bias]
+        # The bias's gradient (g summed over examples and positions) comes with the weights'.
+        grad_in, grad_s2, grad_b2 = torch.ops.aten.convolution_backward(
+            g, x2, s2, [s2.shape[0]], stride, padding, dilation, False, [0] * d,
+            geometry["groups"], mask,
+        )  # fmt: skip
+        grad_x = None if grad_in is None or x is None else grad_in.mul_(x)
+        grad_w = None if grad_s2 is None else grad_s2.mul_(w_scale)
+        grad_b = None if grad_b2 is None or not with_bias else grad_b2.mul_(b_scale)
+        return grad, grad_x, grad_w, grad_b, None, None
+
+
+def _expand(value: Any, dims: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * dims
+
+
+def flipout_conv(
+    x: Tensor,
+    w_loc: Tensor,
+    w_scale: Tensor,
+    b_loc: Tensor | None = None,
+    b_scale: Tensor | None = None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Flipout for a convolution (Wen et al. 2018): one shared kernel perturbation, flipped by
+    random signs over the input and output channels of every example.
+
+    With :math:`\Delta W = \sigma_W\odot\epsilon` shared by the batch and signs
+    :math:`r_n\in\{\pm1\}^{C_{in}}`, :math:`s_n\in\{\pm1\}^{C_{out}}` per example (the same at
+    every position),
+
+    .. math::
+        y_n = x_n\star\mu_W + \mu_b
+        + \big((x_n\odot r_n)\star\Delta W + \Delta b\big)\odot s_n .
+
+    Example ``n`` sees the kernel perturbation :math:`\Delta W_{oc\cdot}\,s_{n,o} r_{n,c}`, which
+    has the law of :math:`\Delta W`, at all of its positions; pairs of examples are
+    (pseudo-)independent. With ``num_weight_samples=S`` each slice draws its own perturbation.
+    """
+    eps, eps_b = _kernel_noise(x, w_loc, b_loc, generator, num_weight_samples)
+    delta_w = w_scale * eps
+    delta_b = None
+    if eps_b is not None:
+        assert b_scale is not None
+        delta_b = b_scale * eps_b
+    return flip_perturbation_conv(
+        x, w_loc, b_loc, delta_w, delta_b, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, generator=generator, num_weight_samples=num_weight_samples,
+    )  # fmt: skip
+
+
+def flip_perturbation_conv(
+    x: Tensor,
+    w_loc: Tensor,
+    b_loc: Tensor | None,
+    delta_w: Tensor,
+    delta_b: Tensor | None,
+    *,
+    stride: Size = 1,
+    padding: Size | str = 0,
+    dilation: Size = 1,
+    groups: int = 1,
+    generator: torch.Generator | None = None,
+    num_weight_samples: int | None = None,
+) -> Tensor:
+    r"""Flipout with a given kernel perturbation :math:`(\Delta W, \Delta b)`.
+
+    For any posterior whose perturbation keeps its law when the signs of its input-channel
+    slices and output-channel slices are flipped (mean-field Normal, radial). With
+    ``num_weight_samples=S``, ``delta_w`` is ``(S, out, in/groups, *k)`` and ``delta_b``
+    ``(S, out)``: one perturbation per slice of ``x``.
+    """
+    geometry = _geometry(stride, padding, dilation, groups)
+    rows, s, shared = _conv_rows(x, num_weight_samples)
+    mean = _unfold_rows(conv(rows, w_loc, b_loc, **geometry), s, shared)
+    spatial = (1,) * (w_loc.dim() - 2)
+    sign_in = _random_signs((*x.shape[: x.dim() - len(spatial)], *spatial), generator, x)
+    perturbation = sampled_conv(
+        x * sign_in, delta_w, delta_b, **geometry, num_weight_samples=num_weight_samples
+    )
+    out = perturbation.shape[: perturbation.dim() - len(spatial)]
+    sign_out = _random_signs((*out, *spatial), generator, perturbation)
+    return torch.addcmul(mean, perturbation, sign_out)
+
+
+def conv_patches(
+    x: Tensor,
+    kernel_size: tuple[int, ...],
+    *,
+    stride: tuple[int, ...] | None = None,
+    dilation: tuple[int, ...] | None = None,
+) -> Tensor:
+    """Every input patch of a convolution as a row: ``(N, C, *spatial) -> (N, *out_spatial, C*K)``.
+
+    ``K = prod(kernel_size)``; a patch's entries are ordered as the kernel's ``(C, *kernel_size)``,
+    so ``conv_patches(x, k) @ kernel.reshape(out, -1).T`` equals ``conv(x, kernel)`` with the
+    channel dimension last. Pad ``x`` first (``F.pad``): no padding is applied here. A view
+    chain of ``Tensor.unfold`` (one per spatial dimension) and one copy; memory ``K`` times the
+    input's.
+    """
+    d = len(kernel_size)
+    stride = stride or (1,) * d
+    dilation = dilation or (1,) * d
+    for i, (k, step, dil) in enumerate(zip(kernel_size, stride, dilation, strict=True)):
+        x = x.unfold(2 + i, dil * (k - 1) + 1, step)
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: (N, C, *out_spatial, *kernel_size) -> (N, *out_spatial, C, *kernel_size)
+    x = x.movedim(1, 1 + d)
+    return x.reshape(*x.shape[: 1 + d], -1)
+
+
+CONV_ESTIMATORS = {
+    "reparameterization": reparameterized_conv,
+    "local": local_reparameterized_conv,
+    "flipout": flipout_conv,
 }

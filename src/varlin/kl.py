@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Normal
 
+from .functional import _plain_ops_only
+
 __all__ = [
     "distribution_kl",
     "distribution_kl_sum",
@@ -177,13 +179,13 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
     through every intermediate (about 3x less time and no saved temporaries), for the posterior
     and for a prior whose tensors require grad (a learned prior scale). If the prior is larger
     than the posterior it falls back to autograd through :func:`normal_kl`, as it does under
-    ``torch.compile`` (which fuses the plain expression itself).
+    ``torch.compile`` (which fuses the plain expression itself) and ``torch.func.vmap``.
     """
     if q_loc.dtype == torch.float16:
         # float16 tops out at 65504; a 300 x 300 layer's KL is ~4e5. Sum in float32.
         return normal_kl_sum(q_loc.float(), q_scale.float(), p_loc.float(), p_scale.float())
     if (
-        torch.compiler.is_compiling()
+        _plain_ops_only()
         or q_scale.shape != q_loc.shape
         or not _broadcasts_to(p_loc.shape, q_loc.shape)
         or not _broadcasts_to(p_scale.shape, q_loc.shape)
@@ -215,6 +217,7 @@ def distribution_kl(
     except NotImplementedError:
         pass
     if isinstance(q, Normal):
+        # torch.randn rather than q.rsample() (the same numbers): vmap draws it per model.
         eps = torch.randn(q.loc.shape, generator=generator, device=q.loc.device, dtype=q.loc.dtype)
         z = q.loc + q.scale * eps
         # log q(z) from the noise itself, the same value as q.log_prob(z) but exact where

@@ -53,6 +53,7 @@ from torch.distributions import Normal
 
 from . import _validation as V
 from .conjugate import ExactLinear
+from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
 
@@ -353,16 +354,25 @@ def _sample_outputs(model: nn.Module, x: Tensor, num_samples: int) -> Tensor:
 _Head = BayesianLinearBase | ExactLinear
 
 
+def _head(module: nn.Module) -> bool:
+    # A convolution is a variational linear map too, but its output is not (N, out): Monte Carlo.
+    return isinstance(module, (BayesianLinearBase, ExactLinear)) and not isinstance(
+        module, BayesianConvBase
+    )
+
+
 def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
     """``(features, head)`` if the model's only Bayesian layer is its last module (a
-    variational layer, or an exact head fitted in closed form)."""
-    if isinstance(model, (BayesianLinearBase, ExactLinear)):
+    variational linear layer, or an exact head fitted in closed form)."""
+    if _head(model):
+        assert isinstance(model, (BayesianLinearBase, ExactLinear))
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
         # (features, head), as bayesian_last_layer builds it: its first module, not a new slice.
         features = model[0] if len(model) == 2 else model[:-1]
-        if isinstance(head, (BayesianLinearBase, ExactLinear)) and not _has_bayesian(features):
+        if _head(head) and not _has_bayesian(features):
+            assert isinstance(head, (BayesianLinearBase, ExactLinear))
             return features, head
     return None
 
