@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ from torch.distributions import (
 
 import varlin
 from varlin import priors
+from varlin.diagnostics import diagnose
+from varlin.errors import VarlinWarning
+from varlin.functional import inverse_softplus
 from varlin.priors import Prior, ScaleMixtureNormal
 
 IN, OUT = 3, 4
@@ -824,3 +828,82 @@ def test_a_learned_prior_scale_reaches_the_mean_field_optimum(
             noise_precision_prior=(0, 0), weight_precision_prior=(0, 0),
         ).fit(x, y)  # fmt: skip
         assert abs(float(learned / exact.prior_precision.rsqrt()) - 1) > 1e-4
+
+
+# -- learned scales in fit's history and diagnostics ------------------------------------------
+def _regression(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g)
+    return x, x @ torch.tensor([1.0, -0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
+
+
+def _learned_net(per_output: bool = False) -> torch.nn.Sequential:
+    prior = priors.normal(2.0, learn_scale=True, per_output=per_output)
+    return torch.nn.Sequential(
+        varlin.VariationalLinear(3, 8, make_weights_prior=prior, make_bias_prior=prior),
+        torch.nn.ReLU(),
+        varlin.VariationalLinear(8, 1, make_weights_prior=priors.normal(1.0)),
+    )
+
+
+def test_learned_scales_names_every_learned_prior_and_averages_per_output() -> None:
+    net = _learned_net(per_output=True)
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.copy_(inverse_softplus(torch.arange(1.0, 9.0)))
+    scales = priors.learned_scales(net)
+    assert list(scales) == ["0.w_prior", "0.b_prior"]  # the fixed prior of layer 2 is not one
+    assert scales["0.w_prior"] == pytest.approx(4.5, rel=1e-6)  # mean of 1..8
+    assert scales["0.b_prior"] == pytest.approx(2.0, rel=1e-6)
+    assert priors.learned_scales(varlin.VariationalLinear(3, 1)) == {}
+
+
+def test_fit_records_the_learned_prior_scales_every_epoch() -> None:
+    x, y = _regression()
+    torch.manual_seed(0)
+    net = _learned_net()
+    lik = varlin.likelihoods.Gaussian(0.5, learn_noise=True)
+    history = varlin.fit(
+        net, x, y, likelihood=lik, epochs=5, batch_size=16, lr=5e-2, progress=False
+    )
+    column = history["prior_scale.0.w_prior"]
+    assert len(column) == 5 and len(history["prior_scale.0.b_prior"]) == 5
+    # The record is the scale after the epoch: the last one is the model's final scale, and it
+    # moved from where it started (2.0): the KL's gradient reached the prior.
+    assert column[-1] == priors.learned_scales(net)["0.w_prior"]
+    assert abs(column[0] - 2.0) > 1e-3 and column[0] != column[-1]
+    # A model with fixed priors has no such column.
+    fixed = varlin.fit(
+        torch.nn.Sequential(varlin.VariationalLinear(3, 1)), x, y,
+        likelihood=varlin.likelihoods.Gaussian(0.5), epochs=1, progress=False,
+    )  # fmt: skip
+    assert not any(key.startswith("prior_scale.") for key in fixed.records[0])
+
+
+def test_fit_ensemble_records_each_models_own_learned_scales() -> None:
+    x, y = _regression()
+    torch.manual_seed(0)
+    nets = [_learned_net(), _learned_net()]
+    liks = [varlin.likelihoods.Gaussian(0.5, learn_noise=True) for _ in nets]
+    ys = [y, 3 * y]  # different targets: different evidence, different scales
+    histories = varlin.fit_ensemble(
+        nets, [x, x], ys, likelihoods=liks, epochs=4, batch_size=16, lr=5e-2, progress=False,
+        seeds=[0, 1],
+    )  # fmt: skip
+    finals = [h["prior_scale.0.w_prior"][-1] for h in histories]
+    assert finals == [priors.learned_scales(net)["0.w_prior"] for net in nets]
+    assert finals[0] != finals[1]
+
+
+def test_a_collapsed_learned_prior_scale_is_diagnosed() -> None:
+    x, y = _regression()
+    net = _learned_net()
+    history = varlin.History(records=[{"epoch": 0.0, "nll": 1.0, "kl_term": 0.0}])
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.fill_(-30.0)  # softplus(-30) ~ 1e-13
+    with pytest.warns(VarlinWarning, match=r"learned prior scale 0\.w_prior collapsed"):
+        diagnose(net, history, None, 0, None)
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.fill_(0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VarlinWarning)
+        diagnose(net, history, None, 0, None)  # a healthy scale: nothing to say

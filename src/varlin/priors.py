@@ -63,6 +63,7 @@ __all__ = [
     "scale_mixture",
     "learned",
     "learned_priors",
+    "learned_scales",
     "learn_mode",
 ]
 
@@ -295,7 +296,9 @@ class Prior(nn.Module):
         r"""The distribution's tensor ``slot`` (``"loc"``, ``"scale"``, ...): its buffer, or for a
         learned scale :math:`\operatorname{softplus}(\rho)`, differentiable in ``raw_scale``."""
         if slot in self._learned:
-            return positive_scale(self.get_parameter(_RAW + slot))
+            # getattr, not get_parameter: under torch.func.functional_call (fit_ensemble) the
+            # parameter is swapped for a plain tensor.
+            return positive_scale(getattr(self, _RAW + slot))
         return self.get_buffer(slot)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -644,6 +647,20 @@ def learned_priors(model: nn.Module) -> Iterator[tuple[str, Prior]]:
     for name, module in model.named_modules():
         if isinstance(module, Prior) and module.learns_scale:
             yield name, module
+
+
+def learned_scales(model: nn.Module) -> dict[str, float]:
+    """The current learned prior scales of ``model``, by prior name (as :func:`learned_priors`).
+
+    One number per prior: the scale, or with ``per_output=True`` the mean of the outputs'
+    scales. :func:`varlin.fit` records them every epoch in its history as
+    ``"prior_scale.<name>"`` (e.g. ``history["prior_scale.0.w_prior"]``).
+    """
+    with torch.no_grad():
+        return {
+            name: float(prior.tensor(LEARNED).double().mean())
+            for name, prior in learned_priors(model)
+        }
 
 
 def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype: Any) -> Prior:
