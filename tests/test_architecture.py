@@ -1,10 +1,10 @@
 """The dependency rule of ARCHITECTURE.md and ``__all__`` in every public module, checked by ast.
 
 The core (``functional, distributions -> posteriors, priors -> kl -> layers -> conv, likelihoods
--> elbo -> predictive -> metrics, conjugate, convert``) never imports the outer ring (``training``,
-``data``, ``plots``, ``cli``), and within the core a module imports only modules before it in that
-order. Imports are read from the source with :mod:`ast`, so lazy imports inside functions count
-too.
+-> elbo, moments -> predictive -> metrics, conjugate, convert``) never imports the outer ring
+(``training``, ``data``, ``plots``, ``cli``), and within the core a module imports only modules
+before it in that order. Imports are read from the source with :mod:`ast`, so lazy imports
+inside functions count too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ CORE_LAYERS = {
     "_validation": 0,
     "functional": 1,
     "distributions": 1,
+    "_quadrature": 1,
     "posteriors": 2,
     "priors": 2,
     "kl": 3,
@@ -30,6 +31,7 @@ CORE_LAYERS = {
     "conv": 5,
     "likelihoods": 5,
     "elbo": 6,
+    "moments": 6,
     # Below predictive and convert: its exact head (ExactLinear) is what the closed-form
     # predictive and bayesian_last_layer(method="exact") use; it needs only _validation.
     "conjugate": 6,

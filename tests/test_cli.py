@@ -745,3 +745,34 @@ def test_bad_posterior_options_are_one_line_errors(
     line = fit_fails(capsys, tmp_path, reg_csv, *extra)
     for fragment in fragments:
         assert fragment in line, (fragment, line)
+
+
+# -- moment propagation -------------------------------------------------------------------------
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+@pytest.mark.parametrize("likelihood", ["homoscedastic", "heteroscedastic"])
+def test_fit_and_predict_by_moments(
+    tmp_path: Path, reg_csv: Path, likelihood: str, covariance: str
+) -> None:
+    model = tmp_path / "m.pt"
+    args = ["fit", str(reg_csv), "--target", "y", "--likelihood", likelihood, *FAST]
+    moments = ["--method", "moments", "--covariance", covariance]
+    assert cli.main([*args, *moments, "--out", str(model)]) == 0
+    preds = tmp_path / "p.csv"
+    assert cli.main(["predict", str(model), str(reg_csv), "--out", str(preds), *moments]) == 0
+    _, rows = read_rows(preds)
+    assert len(rows) == len(regression_rows())
+    for row in rows:
+        assert float(row["epistemic_std"]) > 0 and float(row["aleatoric_std"]) > 0
+        assert float(row["lower_90"]) < float(row["mean"]) < float(row["upper_90"])
+
+
+def test_covariance_needs_the_moments_method(
+    tmp_path: Path, reg_csv: Path, model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = fit_fails(capsys, tmp_path, reg_csv, "--covariance", "full")
+    assert "--covariance full applies only to --method moments" in line
+    status = cli.main(
+        ["predict", str(model_file), str(reg_csv), "--out", str(tmp_path / "p.csv"),
+         "--covariance", "full"]
+    )  # fmt: skip
+    assert_clean_error(capsys, status, "--covariance full applies only to --method moments")

@@ -497,3 +497,51 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="models must share one architecture.* model 1 differs"):
         fit_ensemble(models, x, y, likelihoods=[Gaussian(0.5), Gaussian(0.5, learn_noise=True)],
                      epochs=1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# method="moments": no weight noise, so the stacked route equals separate fits with real scales
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+@pytest.mark.parametrize("heteroscedastic", [False, True], ids=["gaussian", "heteroscedastic"])
+def test_stacked_moment_fits_equal_separate_fits(heteroscedastic: bool, covariance: str) -> None:
+    """The moment ELBO draws nothing, so K stacked models and K calls of fit agree to rounding
+    with posterior scales of a real size (0.1), validation by the moments predictive included."""
+    k, seeds = 2, [21, 22]
+    options = {**OPTIONS, "method": "moments", "covariance": covariance}
+    built = [_model(i, init_scale=0.1, heteroscedastic=heteroscedastic) for i in range(k)]
+    histories = _quiet(
+        lambda: fit_ensemble(
+            [m for m, _ in built], [d.x for d in DATA[:k]], [d.y for d in DATA[:k]],
+            likelihoods=[lik for _, lik in built], seeds=seeds,
+            validation=[(d.x, d.y) for d in DATA[:k]], **options,
+        )
+    )  # fmt: skip
+    for i, ((model, likelihood), history) in enumerate(zip(built, histories, strict=True)):
+        ref_model, ref_lik = _model(i, init_scale=0.1, heteroscedastic=heteroscedastic)
+        want = _quiet(
+            lambda m=ref_model, lk=ref_lik, d=DATA[i], s=seeds[i]: varlin.fit(
+                m, d.x, d.y, likelihood=lk, seed=s, validation=(d.x, d.y), **options
+            )
+        )
+        got_state, want_state = _state(model, likelihood), _state(ref_model, ref_lik)
+        for name in want_state:
+            torch.testing.assert_close(got_state[name], want_state[name], msg=name)
+        _assert_close_records(history, want)
+        assert "val_nll" in history.records[-1]
+        fresh, _ = _model(i, init_scale=0.1, heteroscedastic=heteroscedastic)
+        assert not torch.allclose(fresh[0].w_posterior.loc, model[0].w_posterior.loc)
+
+
+def test_moments_method_errors_in_fit_ensemble() -> None:
+    model, lik = _model(0)
+    with pytest.raises(ValueError, match="covariance='full' applies only to method='moments'"):
+        fit_ensemble([model], DATA[0].x, DATA[0].y, likelihoods=[lik], covariance="full", **OPTIONS)
+    bad = nn.Sequential(
+        varlin.VariationalLinear(1, 4), nn.Softplus(), varlin.VariationalLinear(4, 1)
+    )
+    with pytest.raises(TypeError, match="no moment rule for Softplus"):
+        fit_ensemble(
+            [bad], DATA[0].x, DATA[0].y, likelihoods=[Gaussian()], method="moments", **OPTIONS
+        )

@@ -660,3 +660,70 @@ def test_kl_dominance_criterion(start_nll: float, end_nll: float, kl_term: float
     moved = torch.cat([layer.w_scale.detach().reshape(-1) for layer in model[::2]]) * 2
     messages = _warnings_of(lambda: _diagnose(model, history, moved, 500, start_nll))
     assert (messages != []) is warns, messages
+
+
+# ---------------------------------------------------------------------------------------------
+# fit(method="moments"): the deterministic ELBO
+
+
+def test_moments_fit_reaches_the_mean_field_optimum_of_the_exact_posterior() -> None:
+    """One variational layer and Gaussian noise: the moment ELBO is the exact ELBO, so full-batch
+    training must reach the exact mean-field optimum (conjugate.mean_field_optimum)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    y = y + 0.5 * torch.randn(40, generator=g, dtype=torch.float64)
+    blr = varlin.BayesianLinearRegression(prior_scale=1.0, noise_scale=0.5).fit(x, y)
+    optimum = blr.mean_field_optimum()
+    torch.manual_seed(0)
+    model = nn.Sequential(varlin.VariationalLinear(3, 1, bias=False, dtype=torch.float64))
+    history = varlin.fit(
+        model, x, y, likelihood=Gaussian(0.5, dtype=torch.float64), epochs=1500,
+        batch_size=40, lr=0.03, progress=False, method="moments",
+    )  # fmt: skip
+    layer = model[0]
+    torch.testing.assert_close(layer.w_loc[:, 0].detach(), optimum.mean, rtol=0, atol=2e-3)
+    torch.testing.assert_close(layer.w_scale[:, 0].detach(), optimum.stddev, rtol=0, atol=2e-3)
+    # the last loss is the negative exact ELBO per datum
+    with torch.no_grad():
+        q = torch.distributions.Normal(layer.w_loc[:, 0], layer.w_scale[:, 0])
+        assert history.records[-1]["loss"] == pytest.approx(-float(blr.elbo(q)) / 40, abs=1e-4)
+
+
+def test_moments_fit_is_deterministic_and_learns() -> None:
+    """No weight noise: two fits from one initial state give bit-identical parameters and
+    losses; the validation NLL falls, scored by the moments predictive."""
+    data = make_regression_1d(64, seed=1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = _mlp([1, 16, 1])
+        lik = Gaussian(0.3, learn_noise=True)
+        history = varlin.fit(
+            model, data.x, data.y, likelihood=lik, epochs=8, batch_size=16, progress=False,
+            method="moments", validation=(data.x, data.y), seed=0,
+        )  # fmt: skip
+        runs.append((_state(model, lik), [r["loss"] for r in history.records], history))
+    _assert_equal_states(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    val = [r["val_nll"] for r in runs[0][2].records]
+    assert val[-1] < val[0]
+
+
+def test_moments_fit_bad_arguments() -> None:
+    x, y = torch.randn(8, 2), torch.randn(8)
+    model = nn.Sequential(varlin.VariationalLinear(2, 1))
+    cases = [
+        ({"method": "exact"}, ValueError, "method must be one of"),
+        ({"covariance": "full"}, ValueError, "covariance='full' applies only to method='moments'"),
+        ({"method": "moments", "covariance": "dense"}, ValueError, "covariance must be one of"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            varlin.fit(model, x, y, likelihood=Gaussian(), epochs=1, progress=False, **kwargs)
+    unsupported = nn.Sequential(
+        varlin.VariationalLinear(2, 3), nn.Softplus(), varlin.VariationalLinear(3, 1)
+    )
+    with pytest.raises(TypeError, match="no moment rule for Softplus"):
+        varlin.fit(unsupported, x, y, likelihood=Gaussian(), epochs=1, progress=False,
+                   method="moments")  # fmt: skip

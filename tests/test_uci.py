@@ -378,3 +378,31 @@ def test_uci_prior_must_be_fixed_or_empirical(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["uci", "--dataset", "tiny", "--prior", "learned"])
     assert "--prior: invalid choice: 'learned'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+@pytest.mark.parametrize("likelihood", ["homoscedastic", "heteroscedastic"])
+def test_moments_method_trains_and_scores_by_moment_propagation(
+    tmp_path: Path, likelihood: str, covariance: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_tiny_uci(tmp_path / "data")
+    out = tmp_path / "results.json"
+    argv = ["uci", "--dataset", "tiny", "--data-dir", str(tmp_path / "data"), "--splits", "1"]
+    argv += ["--epochs", "3", "--likelihood", likelihood, "--out", str(out), "--no-progress"]
+    argv += ["--method", "moments", "--covariance", covariance]
+    assert main(argv) == 0
+    entry = json.loads(out.read_text())["tiny"]
+    assert entry["config"]["method"] == "moments"
+    assert entry["config"]["covariance"] == covariance
+    assert all(math.isfinite(v) for v in entry["test_ll"])
+
+
+def test_covariance_without_moments_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_tiny_uci(tmp_path / "data")
+    argv = ["uci", "--dataset", "tiny", "--data-dir", str(tmp_path / "data")]
+    assert main([*argv, "--covariance", "full"]) == 1
+    err = capsys.readouterr().err
+    assert "--covariance full applies only to --method moments" in err
+    assert err.count("\n") == 1

@@ -870,7 +870,7 @@ BAD_INPUTS: list[Any] = [
         "predict-method",
         lambda: varlin.predict(_mlp(), _x(), method="exact"),
         ValueError,
-        r"method must be one of 'auto', 'mc', 'closed_form', got 'exact'",
+        r"method must be one of 'auto', 'mc', 'closed_form', 'moments', got 'exact'",
     ),
     _case(
         "predict-x-int",

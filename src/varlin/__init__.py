@@ -13,6 +13,7 @@ from . import (
     kl,
     likelihoods,
     metrics,
+    moments,
     posteriors,
     priors,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ensemble",
     "likelihoods",
     "metrics",
+    "moments",
     "predict",
     "to_variational",
     "to_variational_",

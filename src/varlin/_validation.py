@@ -68,7 +68,8 @@ def describe(value: Any) -> str:
         if value.dim() == 0:
             return f"tensor({value.item()!r}, dtype={value.dtype})"
         return f"Tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    text = repr(value)
+    # One line: the repr of an array or a module spans several.
+    text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
 
 

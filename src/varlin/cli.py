@@ -90,8 +90,15 @@ def _warnings_to_stderr(caught: list[warnings.WarningMessage]) -> None:
         print(f"varlin: warning: {text}", file=sys.stderr)
 
 
+def _check_method(args: argparse.Namespace) -> None:
+    """``--covariance`` other than diagonal only with ``--method moments``."""
+    if args.covariance != "diagonal" and args.method != "moments":
+        raise CLIError(f"--covariance {args.covariance} applies only to --method moments")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     check_output_path(args.out)  # before any work: a typo in --out must not cost a training run
+    _check_method(args)
     spec, x, y, rows = fit_table(
         args.data,
         args.target,
@@ -123,7 +130,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             history = fit(
                 model, x, y, likelihood=likelihood, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                progress=not args.no_progress,
+                progress=not args.no_progress, method=args.method, covariance=args.covariance,
             )  # fmt: skip
         except NonFiniteLossError as exc:
             raise CLIError(f"training diverged: {str(exc).splitlines()[0]}") from None
@@ -140,12 +147,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     check_output_path(args.out)
+    _check_method(args)
     spec, model, likelihood = load_model_file(args.model)
     header, rows, x = predict_table(args.data, spec)
     torch.manual_seed(args.seed)
     pred = predict(
-        model, x, num_samples=args.num_samples, likelihood=likelihood, batch_size=PREDICT_CHUNK
-    )
+        model, x, num_samples=args.num_samples, likelihood=likelihood, batch_size=PREDICT_CHUNK,
+        method=args.method, covariance=args.covariance,
+    )  # fmt: skip
     summary = pred.mean if isinstance(pred, RegressionPrediction) else pred.probs
     if not bool(torch.isfinite(summary).all()):
         raise CLIError(f"{args.model}: the model predicts non-finite values on {args.data}")
@@ -246,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=V.arg_positive_float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--method", choices=["mc", "moments"], default="mc",
+        help="mc: Monte Carlo ELBO; moments: the deterministic ELBO of moment propagation",
+    )  # fmt: skip
+    p.add_argument(
+        "--covariance", choices=["diagonal", "full"], default="diagonal",
+        help="with --method moments: the activations' covariance",
+    )  # fmt: skip
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser(
@@ -262,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=V.arg_positive_int, default=256, help="posterior samples")
     p.add_argument("--level", type=_level, default=0.9, help="interval level in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--method", choices=["auto", "mc", "moments"], default="auto",
+        help="auto: closed form where it applies, else Monte Carlo; moments: moment "
+        "propagation, no weight sampled",
+    )  # fmt: skip
+    p.add_argument(
+        "--covariance", choices=["diagonal", "full"], default="diagonal",
+        help="with --method moments: the activations' covariance",
+    )  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("uci", help="the UCI regression benchmark")

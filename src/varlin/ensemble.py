@@ -44,7 +44,8 @@ from .elbo import ELBO, ELBOTerms
 from .history import History
 from .likelihoods import Likelihood
 from .loop import DataParallelHooks, FitOptions, run
-from .training import Objective, rng_state, set_rng_state
+from .moments import check_model
+from .training import Objective, make_objective, rng_state, set_rng_state
 
 __all__ = ["StackedModels", "fit_ensemble"]
 
@@ -61,6 +62,7 @@ class StackedModels:
         models: the models, all with the same parameter and buffer names and shapes.
         likelihoods: one per model, all of one kind.
         elbos: one :class:`varlin.ELBO` per model (over its likelihood).
+        method, covariance: the objective, as for :func:`varlin.fit`.
 
     Raises:
         ValueError: the models (with their likelihoods) differ in structure, or live on
@@ -71,7 +73,13 @@ class StackedModels:
     stacked = True
 
     def __init__(
-        self, models: Sequence[nn.Module], likelihoods: Sequence[Likelihood], elbos: Sequence[ELBO]
+        self,
+        models: Sequence[nn.Module],
+        likelihoods: Sequence[Likelihood],
+        elbos: Sequence[ELBO],
+        *,
+        method: str = "mc",
+        covariance: str = "diagonal",
     ) -> None:
         if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in models):
             raise TypeError(
@@ -80,7 +88,9 @@ class StackedModels:
             )
         self.models, self.likelihoods = list(models), list(likelihoods)
         self.num_models = len(self.models)
-        self.objectives = [Objective(m, e) for m, e in zip(models, elbos, strict=True)]
+        self.objectives: list[Objective] = [
+            make_objective(m, e, method, covariance) for m, e in zip(models, elbos, strict=True)
+        ]
         devices = {t.device for o in self.objectives for t in [*o.parameters(), *o.buffers()]}
         if len(devices) > 1:
             raise ValueError(
@@ -260,6 +270,8 @@ def fit_ensemble(
     resume: bool = True,
     seeds: Sequence[int] | None = None,
     progress: bool = True,
+    method: str = "mc",
+    covariance: str = "diagonal",
 ) -> list[History]:
     """Train ``K`` independent models at once, as ``fit`` would train each; in place.
 
@@ -284,9 +296,10 @@ def fit_ensemble(
         checkpoint: as for ``fit``; the file holds every model's state (``num_models``).
         seeds: one shuffling seed per model (default ``0, 1, ..., K - 1``).
         epochs, batch_size, num_data, lr, optimizer, lr_schedule, beta, kl_warmup_epochs,
-            val_samples, resume, progress: as for :func:`varlin.fit`; ``optimizer`` steps the
-            stacked ``(K, ...)`` parameters, so it must act elementwise (Adam, SGD) for the
-            models to stay independent.
+            val_samples, resume, progress, method, covariance: as for :func:`varlin.fit`
+            (``method="moments"``: every model trained by moment propagation); ``optimizer``
+            steps the stacked ``(K, ...)`` parameters, so it must act elementwise (Adam, SGD)
+            for the models to stay independent.
 
     Returns:
         One :class:`varlin.History` per model.
@@ -337,7 +350,12 @@ def fit_ensemble(
         checkpoint=checkpoint,
         resume=resume,
         progress=progress,
+        method=method,
+        covariance=covariance,
     )
+    if options.method == "moments":
+        for model in models:
+            check_model(model)
     seed_list = list(range(k_models)) if seeds is None else list(seeds)
     if len(seed_list) != k_models:
         raise ValueError(f"seeds must hold one seed per model ({k_models}), got {len(seed_list)}")
@@ -375,7 +393,7 @@ def fit_ensemble(
             raise ValueError("num_data is required when x is an iterable without a dataset")
         num_data = data_size
     elbos = [ELBO(likelihood, num_data, beta=beta) for likelihood in likelihoods]
-    trainee = StackedModels(models, likelihoods, elbos)
+    trainee = StackedModels(models, likelihoods, elbos, method=method, covariance=covariance)
     try:
         return run(trainee, batches, options, [(a.to(device), b.to(device)) for a, b in sets])
     finally:

@@ -8,7 +8,7 @@ score has not improved for ``patience`` epochs, and restores the best states at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from torch import Tensor, nn
 
@@ -33,9 +33,18 @@ class _KeepsStates(Protocol):
 
 
 def _evaluate(
-    model: nn.Module, likelihood: Likelihood, x: Tensor, y: Tensor, num_samples: int
+    model: nn.Module,
+    likelihood: Likelihood,
+    x: Tensor,
+    y: Tensor,
+    num_samples: int,
+    method: Literal["mc", "moments"],
+    covariance: Literal["diagonal", "full"],
 ) -> dict[str, float]:
-    pred = predict(model, x, num_samples=num_samples, likelihood=likelihood, method="mc")
+    pred = predict(
+        model, x, num_samples=num_samples, likelihood=likelihood, method=method,
+        covariance=covariance,
+    )  # fmt: skip
     out = {"val_nll": float(pred.nll(y))}
     if isinstance(pred, ClassificationPrediction):
         out["val_accuracy"] = float((pred.classes == y.long()).float().mean())
@@ -50,10 +59,20 @@ class Evaluation:
     Args:
         sets: ``(x_val, y_val)`` per model.
         num_samples: Monte Carlo samples of :func:`varlin.predict`.
+        method: ``"mc"``, or ``"moments"`` for models trained by moment propagation (the
+            predictive of ``predict(method="moments")``).
+        covariance: with ``method="moments"``, ``"diagonal"`` or ``"full"``.
     """
 
-    def __init__(self, sets: Sequence[tuple[Tensor, Tensor]], num_samples: int) -> None:
+    def __init__(
+        self,
+        sets: Sequence[tuple[Tensor, Tensor]],
+        num_samples: int,
+        method: str = "mc",
+        covariance: str = "diagonal",
+    ) -> None:
         self.sets, self.num_samples = sets, num_samples
+        self.method, self.covariance = method, covariance
 
     def __call__(
         self, members: Sequence[tuple[nn.Module, Likelihood]], active: Sequence[bool]
@@ -63,7 +82,12 @@ class Evaluation:
         for k, (model, likelihood) in enumerate(members):
             if active[k]:
                 model.eval()
-                scores.append(_evaluate(model, likelihood, *self.sets[k], self.num_samples))
+                x, y = self.sets[k]
+                method = cast(Literal["mc", "moments"], self.method)
+                covariance = cast(Literal["diagonal", "full"], self.covariance)
+                scores.append(
+                    _evaluate(model, likelihood, x, y, self.num_samples, method, covariance)
+                )
                 model.train()
             else:
                 scores.append({})

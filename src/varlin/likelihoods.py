@@ -36,6 +36,7 @@ from torch.distributions import (
 )
 
 from . import _validation as V
+from ._quadrature import gauss_hermite
 from .functional import inverse_softplus
 
 __all__ = ["Likelihood", "Gaussian", "HeteroscedasticGaussian", "Bernoulli", "Categorical"]
@@ -68,6 +69,10 @@ def _noise_floor(scale: Tensor) -> Tensor:
     target the model deems impossible, never NaN.
     """
     return scale.clamp_min(torch.finfo(scale.dtype).tiny ** 0.5)
+
+
+#: The Gaussian outputs a likelihood integrates over (propagated moments, closed-form heads).
+_GAUSSIAN_OUTPUTS = (Normal, MultivariateNormal, LowRankMultivariateNormal)
 
 
 def _per_example(log_prob: Tensor) -> Tensor:
@@ -118,10 +123,20 @@ class Likelihood(nn.Module):
             The log density of each example, summed over its target dimensions, ``(N,)``.
         """
         if isinstance(output, Distribution):
-            raise TypeError(
-                f"{type(self).__name__} has no closed-form expected log-likelihood for a "
-                f"{type(output).__name__} output; pass a sampled output tensor"
-            )
+            if not isinstance(output, _GAUSSIAN_OUTPUTS):
+                raise TypeError(
+                    f"{type(self).__name__} has no closed-form expected log-likelihood for a "
+                    f"{type(output).__name__} output; pass a sampled output tensor, or a "
+                    "Normal or MultivariateNormal over the outputs"
+                )
+            if samples:
+                raise ValueError(
+                    "samples=True needs sampled output tensors; a Gaussian output is integrated "
+                    "over as a whole"
+                )
+            if not isinstance(target, Tensor):
+                raise TypeError(f"target must be a torch.Tensor, got {V.describe(target)}")
+            return self._gaussian_expected_log_prob(output, target)
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a torch.Tensor, got {V.describe(output)}")
         if not isinstance(target, Tensor):
@@ -141,6 +156,14 @@ class Likelihood(nn.Module):
         flat_out = output.reshape(s * n, *output.shape[2:])
         flat_target = target.expand(s, *target.shape).reshape(s * n, *target.shape[1:])
         return _per_example(self._log_prob(flat_out, flat_target)).reshape(s, n).mean(0)
+
+    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+        """:meth:`expected_log_prob` for a Gaussian over the model's outputs (a propagated or
+        closed-form output, :func:`varlin.moments.propagate`); per likelihood."""
+        raise TypeError(
+            f"{type(self).__name__} has no closed-form expected log-likelihood for a "
+            f"{type(output).__name__} output; pass a sampled output tensor"
+        )
 
 
 class Gaussian(Likelihood):
@@ -234,18 +257,10 @@ class Gaussian(Likelihood):
         scale = self._scale_like(mean)
         return Normal(mean, scale.expand(mean.shape), validate_args=False).log_prob(target)
 
-    def expected_log_prob(
-        self, output: Tensor | Distribution, target: Tensor, *, samples: bool = False
-    ) -> Tensor:
+    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
         # A Normal output, or a (low-rank) multivariate Normal over the last dimension (a head
         # whose posterior correlates its outputs): with independent noise only the marginal
         # variances enter the expectation.
-        if not isinstance(output, (Normal, MultivariateNormal, LowRankMultivariateNormal)):
-            return super().expected_log_prob(output, target, samples=samples)
-        if samples:
-            raise ValueError(
-                "samples=True needs sampled output tensors; a Normal output is already exact"
-            )
         mean, var = output.mean, output.variance
         target = self.check_target(mean, target)
         mean, var = self._match(mean, target), self._match(var, target)
@@ -296,17 +311,95 @@ class HeteroscedasticGaussian(Likelihood):
         mean, scale = self.split(output)
         return Normal(mean, scale, validate_args=False)
 
+    def noise_quadrature(self, output: Distribution) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r"""A Gaussian over the outputs :math:`(\mu, \rho)` as a mixture over the raw scale.
+
+        For :math:`(\mu, \rho)` jointly Gaussian (means :math:`m_\mu, m_\rho`, variances
+        :math:`v_\mu, v_\rho`, covariance :math:`c`; ``c = 0`` for a ``Normal``), given
+        :math:`\rho` the mean :math:`\mu` is Gaussian with mean :math:`m_\mu + c(\rho -
+        m_\rho)/v_\rho` and variance :math:`r = v_\mu - c^2/v_\rho`; Gauss–Hermite nodes
+        :math:`\rho_k = m_\rho + \sqrt{v_\rho}\,x_k` (:data:`~varlin._quadrature.HERMITE_NODES`)
+        with weights :math:`w_k` then integrate over :math:`\rho`. The softplus scale
+        :math:`\sigma(\rho)` has no closed-form expectation (Wu et al. 2019 use a log-variance
+        head, :math:`\sigma^2 = e^\ell`, for theirs); the quadrature keeps this likelihood's
+        parameterisation, deterministically.
+
+        Args:
+            output: a :class:`~torch.distributions.Normal` or ``MultivariateNormal`` over the
+                model's outputs ``(N, 2)`` (mean, raw scale).
+
+        Returns:
+            ``(means, residual, scales, weights)``: :math:`E[\mu\mid\rho_k]` ``(K, N)``,
+            :math:`r` ``(N,)``, :math:`\sigma(\rho_k)` ``(K, N)``, :math:`w_k` ``(K,)``
+            (summing to 1).
+        """
+        loc = output.mean
+        _require_width(loc, 2, "a HeteroscedasticGaussian likelihood (mean, raw scale)")
+        if isinstance(output, Normal):
+            var = output.variance
+            v_mu, v_rho, cov = var[..., 0], var[..., 1], torch.zeros_like(var[..., 0])
+        else:
+            matrix = output.covariance_matrix  # type: ignore[attr-defined]
+            v_mu, v_rho, cov = matrix[..., 0, 0], matrix[..., 1, 1], matrix[..., 0, 1]
+        nodes, weights = gauss_hermite(loc)
+        nodes = nodes.reshape(-1, *([1] * v_mu.dim()))
+        sd_rho = v_rho.clamp_min(torch.finfo(v_rho.dtype).tiny).sqrt()
+        slope = cov / sd_rho  # Cov(mu, rho) / sd(rho): the regression of mu on x_k
+        means = loc[..., 0] + slope * nodes
+        residual = (v_mu - slope * slope).clamp_min(0.0)
+        raw = loc[..., 1] + sd_rho * nodes
+        scales = _noise_floor(F.softplus(raw) + self.min_scale)
+        return means, residual, scales, weights
+
+    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+        r""":math:`\sum_k w_k\,[\log\mathcal N(y; E[\mu\mid\rho_k], \sigma_k^2) -
+        r/(2\sigma_k^2)]` (:meth:`noise_quadrature`): exact for the Gaussian over
+        :math:`\mu` given :math:`\rho`, Gauss–Hermite over :math:`\rho`."""
+        means, residual, scales, weights = self.noise_quadrature(output)
+        V.floating_tensor("target", target)
+        if target.shape != means.shape[1:]:
+            raise _shape_error(tuple(means.shape[1:]), output.mean, target)
+        log_prob = Normal(means, scales, validate_args=False).log_prob(target)
+        per_node = log_prob - residual / (2 * scales * scales)
+        ell = torch.tensordot(weights, per_node, dims=1)
+        return _per_example(ell)
+
     def extra_repr(self) -> str:
         return f"min_scale={self.min_scale:g}"
 
 
-class Bernoulli(Likelihood):
-    """Two classes: the model outputs one logit per example, ``(N,)`` or ``(N, 1)``.
+class _LogitSampling(Likelihood):
+    r"""Classification likelihoods: the expected log-likelihood under a Gaussian over the logits
+    (a propagated output) by Monte Carlo over the logits only.
 
-    Targets are ``0``/``1`` (any dtype), shape ``(N,)``.
+    ``logit_samples`` draws of the logits from the Gaussian (torch's default generator,
+    reparameterized): an unbiased estimate of :math:`E[\log p(y\mid f)]` under that Gaussian,
+    at the cost of ``logit_samples x N x C`` numbers, no network pass.
     """
 
     task = "classification"
+
+    def __init__(self, *, logit_samples: int = 64) -> None:
+        super().__init__()
+        self.logit_samples = V.positive_int("logit_samples", logit_samples)
+
+    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+        logits = output.rsample((self.logit_samples,))
+        return self.expected_log_prob(logits, target, samples=True)
+
+    def extra_repr(self) -> str:
+        return f"logit_samples={self.logit_samples}"
+
+
+class Bernoulli(_LogitSampling):
+    """Two classes: the model outputs one logit per example, ``(N,)`` or ``(N, 1)``.
+
+    Targets are ``0``/``1`` (any dtype), shape ``(N,)``.
+
+    Args:
+        logit_samples: draws of the logit from a Gaussian output (moment propagation,
+            :func:`varlin.moments.propagate`) for the expected log-likelihood.
+    """
 
     def _logits(self, output: Tensor) -> Tensor:
         return _squeeze_scalar(output)
@@ -331,13 +424,15 @@ class Bernoulli(Likelihood):
         return torch.stack([1 - p, p], dim=-1)
 
 
-class Categorical(Likelihood):
+class Categorical(_LogitSampling):
     """``C`` classes: the model outputs ``C`` logits per example, ``(N, C)``.
 
     Targets are integer class indices in ``[0, C)``, shape ``(N,)``.
-    """
 
-    task = "classification"
+    Args:
+        logit_samples: draws of the logits from a Gaussian output (moment propagation,
+            :func:`varlin.moments.propagate`) for the expected log-likelihood.
+    """
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:

@@ -95,6 +95,8 @@ class FitOptions:
     checkpoint: str | os.PathLike[str] | None
     resume: bool
     progress: bool
+    method: str = "mc"
+    covariance: str = "diagonal"
 
     @classmethod
     def check(cls, *, validation: Any, seed: Any = ..., **options: Any) -> FitOptions:
@@ -119,6 +121,14 @@ class FitOptions:
             V.integer("seed", seed)
         resume = V.boolean("resume", options["resume"])
         progress = V.boolean("progress", options["progress"])
+        method = options.get("method", "mc")
+        covariance = options.get("covariance", "diagonal")
+        V.one_of("method", method, ("mc", "moments"))
+        V.one_of("covariance", covariance, ("diagonal", "full"))
+        if covariance != "diagonal" and method != "moments":
+            raise ValueError(
+                f"covariance={covariance!r} applies only to method='moments', got method={method!r}"
+            )
         optimizer, checkpoint = options["optimizer"], options["checkpoint"]
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
@@ -140,6 +150,8 @@ class FitOptions:
             checkpoint=checkpoint,
             resume=resume,
             progress=progress,
+            method=method,
+            covariance=covariance,
         )
 
 
@@ -420,7 +432,11 @@ class _Parts:
         self.scheduler = self.schedule.attach(self.optimizer)
         self.step = Step(trainee, self.optimizer, self.scheduler)
         self.batches = batches
-        self.evaluation = Evaluation(validation, options.val_samples) if validation else None
+        self.evaluation = (
+            Evaluation(validation, options.val_samples, options.method, options.covariance)
+            if validation
+            else None
+        )
         self.stopper = EarlyStopping(options.patience, k, stacked=stacked)
         self.checkpointer = Checkpointer(
             options.checkpoint,

@@ -105,6 +105,9 @@ class Family(nn.Module):
 
     name: ClassVar[str] = ""
     estimators: ClassVar[tuple[str, ...]] = ()
+    #: Whether the outputs of ``x @ W + b`` are uncorrelated for a fixed ``x`` (the weight
+    #: columns and the bias entries are): moment propagation then keeps variances only.
+    independent_outputs: ClassVar[bool] = False
     gaussian: ClassVar[bool] = True
 
     # -- shape --------------------------------------------------------------------------------
@@ -229,6 +232,74 @@ class Family(nn.Module):
         """
         raise NotImplementedError
 
+    # -- moment propagation -------------------------------------------------------------------
+    def output_moments_random(
+        self, mean: Tensor, spread: Tensor | None, t: Any, *, covariance: str = "diagonal"
+    ) -> tuple[Tensor, Tensor]:
+        r"""The exact mean and (co)variance of ``y = x @ W + b`` for a *random* input ``x``
+        independent of the weights.
+
+        With :math:`m = E[x]`, :math:`C = \operatorname{Cov}(x)`, :math:`\tilde m = [m, 1]` and
+        :math:`M` the mean of ``W``, by the laws of total expectation and covariance,
+
+        .. math::
+            E[y] = \tilde m\tilde M,\qquad
+            \operatorname{Cov}(y) = \underbrace{\operatorname{Cov}_W(y \mid x = m)}_{
+            \text{output distribution at } m}
+            + T(C) + M^\top C M,\qquad
+            T(C)_{jk} = \sum_{il} C_{il}\operatorname{Cov}(W_{ij}, W_{lk}),
+
+        which needs only the first two moments of ``x`` and of ``q``. ``T`` is the family's
+        (:meth:`_weight_trace`); for a diagonal :math:`C = \operatorname{diag}(v)` the output
+        variance is :math:`\operatorname{Var}_W(y_j \mid x = m) + \sum_i v_i(s_{ij}^2 +
+        M_{ij}^2)`, :math:`s_{ij}` the marginal standard deviations, for every family.
+
+        Args:
+            mean: :math:`E[x]`, ``(*, in)``.
+            spread: the variances ``(*, in)`` (the entries of ``x`` uncorrelated; under
+                ``covariance="diagonal"`` taken so), the covariance ``(*, in, in)``
+                (``covariance="full"`` only), or ``None`` for a fixed input ``x = mean``.
+            t: the value of :meth:`realise`.
+            covariance: ``"diagonal"`` returns the output variances ``(*, out)``; ``"full"``
+                the output covariance ``(*, out, out)``.
+
+        Returns:
+            ``(E[y], Var[y] or Cov(y))``.
+        """
+        full = covariance == "full"
+        out_mean, fixed = self._fixed_output_moments(mean, t, full=full)
+        if spread is None:
+            return out_mean, fixed
+        w_loc, w_std, _, _ = self.marginals(t)
+        if not full:
+            return out_mean, fixed + spread @ (w_std.square() + w_loc.square())
+        if spread.dim() == mean.dim():  # variances: C = diag(v), without forming it
+            carried = (w_loc * spread.unsqueeze(-1)).mT @ w_loc
+            return out_mean, fixed + self._weight_trace_diagonal(spread, t) + carried
+        return out_mean, fixed + self._weight_trace(spread, t) + w_loc.mT @ spread @ w_loc
+
+    def _fixed_output_moments(self, x: Tensor, t: Any, *, full: bool) -> tuple[Tensor, Tensor]:
+        """Mean and variance ``(*, out)`` (or covariance ``(*, out, out)``) of ``x @ W + b`` for
+        a fixed ``x``; by default from :meth:`output_distribution`."""
+        dist = self.output_distribution(x, t)
+        if not full:
+            return dist.mean, dist.variance
+        if isinstance(dist, Normal):
+            return dist.mean, torch.diag_embed(dist.variance)
+        return dist.mean, dist.covariance_matrix  # type: ignore[attr-defined]
+
+    def _weight_trace_diagonal(self, var: Tensor, t: Any) -> Tensor:
+        """:meth:`_weight_trace` of ``C = diag(var)``, ``var`` ``(*, in)``."""
+        return self._weight_trace(torch.diag_embed(var), t)
+
+    def _weight_trace(self, cov: Tensor, t: Any) -> Tensor:
+        r""":math:`T(C)_{jk} = \sum_{il} C_{il}\operatorname{Cov}(W_{ij}, W_{lk})` for input
+        covariances ``C`` ``(*, in, in)``, ``(*, out, out)``: the family's weight correlations
+        met by the input's (see :meth:`output_moments_random`)."""
+        raise NotImplementedError(
+            f"posterior={self.name!r} does not propagate a full input covariance"
+        )
+
     def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None) -> None:
         """Re-initialise the spread so that every weight (bias) has standard deviation
         ``w_scale`` (``b_scale``), correlations starting at or near 0 (MOPED, ``init_scale``)."""
@@ -274,6 +345,7 @@ class MeanFieldNormal(Family):
 
     name = "meanfield"
     estimators = tuple(functional.ESTIMATORS)
+    independent_outputs = True
 
     def __init__(
         self,
@@ -410,6 +482,22 @@ class MeanFieldNormal(Family):
             num_weight_samples=num_weight_samples,
         )
 
+    def _fixed_output_moments(
+        self, x: Tensor, t: _MeanFieldTensors, *, full: bool
+    ) -> tuple[Tensor, Tensor]:
+        # The variance of output_distribution without its square root (moments need var).
+        var = (x * x) @ t.scale.square()
+        if t.b_scale is not None:
+            var = var + t.b_scale.square()
+        mean = functional.mean_linear(x, t.loc, t.b_loc)
+        return mean, (torch.diag_embed(var) if full else var)
+
+    def _weight_trace(self, cov: Tensor, t: _MeanFieldTensors) -> Tensor:
+        return _uncorrelated_trace(cov, t.scale)
+
+    def _weight_trace_diagonal(self, var: Tensor, t: _MeanFieldTensors) -> Tensor:
+        return torch.diag_embed(var @ t.scale.square())
+
     def set_scale(self, scale: Tensor) -> None:
         """Set every entry's standard deviation (a tensor of ``shape``; inverted in float64)."""
         with torch.no_grad():
@@ -431,6 +519,12 @@ def _normal_entropy(scale: Tensor) -> Tensor:
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _uncorrelated_trace(cov: Tensor, w_std: Tensor) -> Tensor:
+    r""":math:`T(C)` of :meth:`Family._weight_trace` for weights that are uncorrelated with
+    each other (mean-field, radial): :math:`\operatorname{diag}(\operatorname{diag}(C)\,s^2)`."""
+    return torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1) @ w_std.square())
 
 
 # -- the joint families -------------------------------------------------------------------------
@@ -880,6 +974,27 @@ class LowRankNormal(_Joint):
         return LowRankMultivariateNormal(mean, factor, diag.clamp_min(torch.finfo(diag.dtype).tiny),
                                          validate_args=False)  # fmt: skip
 
+    def _fixed_output_moments(
+        self, x: Tensor, t: _LowRankTensors, *, full: bool
+    ) -> tuple[Tensor, Tensor]:
+        # As output_distribution, without the distribution's k x k capacitance factorisation.
+        mean = self._aug(x, t.loc)
+        diag = self._aug(x * x, t.scale.square())
+        proj = self._aug(x, t.row_factor)  # (*, k)
+        if not full:
+            return mean, diag + proj.square() @ t.col_factor.square().T
+        factor = t.col_factor * proj.unsqueeze(-2)  # (*, out, k)
+        return mean, torch.diag_embed(diag) + factor @ factor.mT
+
+    def _weight_trace(self, cov: Tensor, t: _LowRankTensors) -> Tensor:
+        r""":math:`\operatorname{diag}(\operatorname{diag}(C)\sigma^2) + B\operatorname{diag}(q)
+        B^\top` with :math:`q_k = a_k^\top C a_k` (``a_k`` the factor's weight rows): ``k``
+        quadratic forms per example, no dense covariance."""
+        a = t.row_factor[: self._in]
+        q = ((cov @ a) * a).sum(-2)  # (*, k)
+        b = t.col_factor
+        return _uncorrelated_trace(cov, t.parts[1]) + (b * q.unsqueeze(-2)) @ b.T
+
     def _output_noise(
         self,
         rows: Tensor,
@@ -1022,6 +1137,21 @@ class FullNormal(_Joint):
             return self._single_output(mean, g.square().sum(-1))
         return MultivariateNormal(mean, covariance_matrix=g @ g.transpose(-1, -2),
                                   validate_args=False)  # fmt: skip
+
+    def _fixed_output_moments(
+        self, x: Tensor, t: _FullTensors, *, full: bool
+    ) -> tuple[Tensor, Tensor]:
+        # G G^T directly: no Cholesky factor of the output covariance is needed here.
+        mean = self._aug(x, t.loc)
+        g = self._output_factor(x, t)
+        return mean, (g @ g.mT if full else g.square().sum(-1))
+
+    def _weight_trace(self, cov: Tensor, t: _FullTensors) -> Tensor:
+        # The dense weight covariance (this family is for small layers): O(in^2 out^2) per row.
+        dense = t.scale_tril @ t.scale_tril.T
+        blocks = dense.reshape(self.rows, self._out, self.rows, self._out)
+        weights = blocks[: self._in, :, : self._in, :]
+        return torch.einsum("...il,ijlk->...jk", cov, weights)
 
     def _output_noise(
         self,
@@ -1207,6 +1337,17 @@ class MatrixNormal(_Joint):
         tril = quad.clamp_min(torch.finfo(quad.dtype).tiny).sqrt().unsqueeze(-1) * col
         return MultivariateNormal(mean, scale_tril=tril, validate_args=False)
 
+    def _weight_trace(self, cov: Tensor, t: _MatrixNormalTensors) -> Tensor:
+        r""":math:`\operatorname{tr}(U_{WW} C)\,V`: the row covariance's weight block met by
+        the input covariance, times the column covariance."""
+        row, col = t.row_tril[: self._in], t.col_tril
+        if row.dim() == 1:
+            trace = torch.diagonal(cov, dim1=-2, dim2=-1) @ row.square()
+        else:
+            trace = (cov * (row @ row.T)).sum((-2, -1))
+        col_cov = torch.diag(col.square()) if col.dim() == 1 else col @ col.T
+        return trace[..., None, None] * col_cov
+
     def _output_noise(
         self,
         rows: Tensor,
@@ -1253,6 +1394,7 @@ class Radial(_Joint):
 
     name = "radial"
     estimators = ("reparameterization", "flipout")
+    independent_outputs = True
     gaussian = False
 
     def _init_spread(self) -> None:
@@ -1319,6 +1461,24 @@ class Radial(_Joint):
     def dense(self, t: _RadialTensors) -> tuple[Tensor, Tensor]:
         """Mean and covariance (diagonal: the direction's entries are uncorrelated)."""
         return t.loc.reshape(-1), torch.diag(self._marginal_variance(t).reshape(-1))
+
+    def _fixed_output_moments(
+        self, x: Tensor, t: _RadialTensors, *, full: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The output's mean and variance (not its law, which is not Gaussian): the weights are
+        uncorrelated, so the outputs are too."""
+        w_loc, w_std, b_loc, b_std = self.marginals(t)
+        var = (x * x) @ w_std.square()
+        if b_std is not None:
+            var = var + b_std.square()
+        mean = functional.mean_linear(x, w_loc, b_loc)
+        return mean, (torch.diag_embed(var) if full else var)
+
+    def _weight_trace(self, cov: Tensor, t: _RadialTensors) -> Tensor:
+        return _uncorrelated_trace(cov, self.marginals(t)[1])
+
+    def _weight_trace_diagonal(self, var: Tensor, t: _RadialTensors) -> Tensor:
+        return torch.diag_embed(var @ self.marginals(t)[1].square())
 
     def _noise(
         self, t: _RadialTensors, lead: tuple[int, ...], generator: torch.Generator | None

@@ -49,13 +49,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Normal
+from torch.distributions import Distribution, MultivariateNormal, Normal
 
 from . import _validation as V
 from .conjugate import ExactLinear
 from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
+from .moments import COVARIANCES, propagate
 
 __all__ = ["predict", "RegressionPrediction", "ClassificationPrediction"]
 
@@ -76,8 +77,12 @@ class RegressionPrediction:
         sample_means: per-sample means ``(S, N)``, or ``None`` for the closed form.
         sample_vars: per-sample noise variances ``(S, N)``, or ``None``.
         epistemic_covariance: for the closed form of a head whose posterior correlates its
-            ``D`` outputs (``"lowrank"``, ``"full"``, ``"matrix_normal"``), the epistemic
-            covariance across them, ``(N, D, D)``; else ``None``.
+            ``D`` outputs (``"lowrank"``, ``"full"``, ``"matrix_normal"``), or for
+            ``method="moments"`` with ``covariance="full"``, the epistemic covariance across
+            them, ``(N, D, D)``; else ``None``.
+        sample_weights: the mixture's weights ``(S,)`` (summing to 1) where they are not equal:
+            the Gauss–Hermite nodes of a heteroscedastic model's noise scale under
+            ``method="moments"``; ``None`` for equal weights.
     """
 
     mean: Tensor
@@ -86,6 +91,7 @@ class RegressionPrediction:
     sample_means: Tensor | None = None
     sample_vars: Tensor | None = None
     epistemic_covariance: Tensor | None = None
+    sample_weights: Tensor | None = None
 
     @property
     def variance(self) -> Tensor:
@@ -124,7 +130,8 @@ class RegressionPrediction:
         r"""Per-example log predictive density of ``target``.
 
         With samples, the density of the equally weighted Gaussian mixture
-        :math:`\frac1S\sum_s\mathcal N(y;\mu_s,\sigma_s^2)`; in closed form, the Gaussian.
+        :math:`\frac1S\sum_s\mathcal N(y;\mu_s,\sigma_s^2)` (weighted by
+        ``sample_weights`` where given); in closed form, the Gaussian.
         """
         V.floating_tensor("target", target)
         if target.shape != self.mean.shape:
@@ -145,7 +152,10 @@ class RegressionPrediction:
             )
         comp = Normal(self.sample_means, self.sample_vars.sqrt(), validate_args=False)
         s = self.sample_means.shape[0]
-        return torch.logsumexp(comp.log_prob(target), dim=0) - math.log(s)
+        if self.sample_weights is None:
+            return torch.logsumexp(comp.log_prob(target), dim=0) - math.log(s)
+        log_w = torch.log(self.sample_weights).reshape(-1, *([1] * target.dim()))
+        return torch.logsumexp(comp.log_prob(target) + log_w, dim=0)
 
     def nll(self, target: Tensor) -> Tensor:
         """Mean negative log predictive density (0-dim)."""
@@ -481,6 +491,7 @@ def _unbatched(
             aleatoric=pred.aleatoric[0],
             sample_means=None if pred.sample_means is None else pred.sample_means[:, 0],
             sample_vars=None if pred.sample_vars is None else pred.sample_vars[:, 0],
+            sample_weights=pred.sample_weights,
         )
     return ClassificationPrediction(
         probs=pred.probs[0],
@@ -491,6 +502,67 @@ def _unbatched(
     )
 
 
+def _propagated(model: nn.Module, x: Tensor, covariance: str, size: int) -> Distribution:
+    """:func:`varlin.moments.propagate` over chunks of ``size`` rows, as one distribution."""
+    parts = [propagate(model, chunk, covariance=covariance) for chunk in x.split(max(size, 1))]
+    if len(parts) == 1:
+        return parts[0]
+    loc = torch.cat([p.mean for p in parts])
+    if isinstance(parts[0], Normal):
+        return Normal(loc, torch.cat([p.stddev for p in parts]), validate_args=False)
+    tril = torch.cat([p.scale_tril for p in parts if isinstance(p, MultivariateNormal)])
+    return MultivariateNormal(loc, scale_tril=tril, validate_args=False)
+
+
+def _moments(
+    model: nn.Module,
+    x: Tensor,
+    likelihood: Likelihood | None,
+    covariance: str,
+    num_samples: int,
+    size: int,
+) -> RegressionPrediction | ClassificationPrediction:
+    """``method="moments"``: the predictive from the propagated Gaussian over the outputs."""
+    if any(isinstance(m, ExactLinear) for m in model.modules()):
+        raise ValueError(
+            "method='moments' propagates through variational layers; the model holds an "
+            "ExactLinear head: use method='closed_form'"
+        )
+    out = _propagated(model, x, covariance, size)
+    if isinstance(likelihood, (Bernoulli, Categorical)):
+        # The stated approximation: the predictive's probabilities, entropy and mutual
+        # information from samples of the logits only (no weight sample, no network pass).
+        return _summarise(out.rsample((num_samples,)), likelihood)
+    if isinstance(likelihood, HeteroscedasticGaussian):
+        means, residual, scales, weights = likelihood.noise_quadrature(out)
+        noise = scales * scales
+        return RegressionPrediction(
+            mean=out.mean[..., 0],
+            epistemic=out.variance[..., 0],
+            aleatoric=torch.tensordot(weights, noise, dims=1),
+            sample_means=means,
+            sample_vars=residual + noise,
+            sample_weights=weights,
+        )
+    if likelihood is not None and not isinstance(likelihood, Gaussian):
+        raise TypeError(f"unsupported likelihood {type(likelihood).__name__}")
+    mean, var = out.mean, out.variance
+    covariance_matrix = out.covariance_matrix if isinstance(out, MultivariateNormal) else None
+    noise = torch.zeros_like(mean)
+    if likelihood is not None:
+        noise = noise + likelihood.noise_scale.to(mean.dtype) ** 2
+    if mean.shape[-1] == 1:
+        mean, var, noise, covariance_matrix = (
+            mean.squeeze(-1),
+            var.squeeze(-1),
+            noise.squeeze(-1),
+            None,
+        )
+    return RegressionPrediction(
+        mean=mean, epistemic=var, aleatoric=noise, epistemic_covariance=covariance_matrix
+    )
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -498,10 +570,11 @@ def predict(
     *,
     num_samples: int = 64,
     likelihood: Likelihood | None = None,
-    method: Literal["auto", "mc", "closed_form"] = "auto",
+    method: Literal["auto", "mc", "closed_form", "moments"] = "auto",
     batch_size: int | None = None,
+    covariance: Literal["diagonal", "full"] = "diagonal",
 ) -> RegressionPrediction | ClassificationPrediction:
-    """Posterior predictive of ``model`` at inputs ``x``.
+    r"""Posterior predictive of ``model`` at inputs ``x``.
 
     Args:
         model: a module with variational layers; its output is the likelihood's input. A model
@@ -521,8 +594,21 @@ def predict(
             posterior family and a Gaussian likelihood; with a ``"full"``, ``"lowrank"`` or
             ``"matrix_normal"`` head it includes the covariance across outputs,
             :attr:`RegressionPrediction.covariance`); ``"auto"`` picks the closed form when it
-            applies.
+            applies; ``"moments"``: no weight sampling, the Gaussian over the outputs that
+            :func:`varlin.moments.propagate` pushes through the network (see below).
         batch_size: evaluate ``x`` in chunks of this many rows (memory ``S x batch_size``).
+        covariance: for ``method="moments"``: ``"diagonal"`` or ``"full"`` (the covariance of
+            every layer's units, and across the outputs: :attr:`RegressionPrediction.covariance`).
+
+    With ``method="moments"`` (Wu et al. 2019), for regression the predictive is
+    :math:`\mathcal N(m, v + \sigma^2)` for a :class:`~varlin.likelihoods.Gaussian`
+    (``epistemic`` = :math:`v`, the propagated variance); for a
+    :class:`~varlin.likelihoods.HeteroscedasticGaussian`, the Gaussian over (mean, raw scale)
+    integrated exactly over the mean and by Gauss–Hermite quadrature over the raw scale, a
+    mixture (``sample_weights``) whose ``epistemic`` part is the mean's variance and
+    ``aleatoric`` part :math:`E[\sigma^2]`. For classification, ``num_samples`` draws of the
+    *logits* from the propagated Gaussian give the probabilities, the entropy and the mutual
+    information (the stated approximation: no weight is sampled and the network runs once).
 
     Returns:
         :class:`RegressionPrediction` or :class:`ClassificationPrediction`.
@@ -530,7 +616,12 @@ def predict(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     num_samples = V.positive_int("num_samples", num_samples)
-    V.one_of("method", method, ("auto", "mc", "closed_form"))
+    V.one_of("method", method, ("auto", "mc", "closed_form", "moments"))
+    V.one_of("covariance", covariance, COVARIANCES)
+    if covariance != "diagonal" and method != "moments":
+        raise ValueError(
+            f"covariance={covariance!r} applies only to method='moments', got method={method!r}"
+        )
     V.floating_tensor("x", x)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(
@@ -540,7 +631,7 @@ def predict(
         return _unbatched(
             predict(
                 model, x.unsqueeze(0), num_samples=num_samples, likelihood=likelihood,
-                method=method, batch_size=batch_size,
+                method=method, batch_size=batch_size, covariance=covariance,
             )
         )  # fmt: skip
     if likelihood is not None and not isinstance(likelihood, Likelihood):
@@ -549,6 +640,9 @@ def predict(
         )
     if V.is_validating():
         V.check_finite("x", x)
+    size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
+    if method == "moments":
+        return _moments(model, x, likelihood, covariance, num_samples, size)
     split = _last_layer_split(model)
     closed_ok = (
         split is not None
@@ -563,6 +657,5 @@ def predict(
             "the model holds an ExactLinear head, whose predictive is computed in closed form "
             "only: use method='auto' or 'closed_form' with a Gaussian likelihood (or none)"
         )
-    size = x.shape[0] if batch_size is None else V.positive_int("batch_size", batch_size)
     outs = [_sample_outputs(model, chunk, num_samples) for chunk in x.split(max(size, 1))]
     return _summarise(torch.cat(outs, dim=1), likelihood)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from . import _validation as V
 from .batches import (
@@ -43,11 +44,15 @@ from .history import History
 from .layers import kl_divergence, variational_layers
 from .likelihoods import Likelihood
 from .loop import DataParallelHooks, FitOptions, run
+from .moments import check_model, propagate
 
 __all__ = [
     "fit",
     "History",
+    "METHODS",
+    "MomentObjective",
     "Objective",
+    "make_objective",
     "SingleModel",
     "VarlinWarning",
     "NonFiniteLossError",
@@ -73,10 +78,49 @@ class Objective(nn.Module):
         self.model = model
         self.elbo = elbo
 
-    def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
+    def output(self, x: Tensor) -> Tensor | Distribution:
+        """What the ELBO's expected log-likelihood is taken over: the model's (sampled) output."""
         out = self.model(x)
-        output = out[0] if isinstance(out, tuple) else out
-        return self.elbo.terms(output, y, kl_divergence(self.model), beta=beta)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
+        return self.elbo.terms(self.output(x), y, kl_divergence(self.model), beta=beta)
+
+
+class MomentObjective(Objective):
+    """The deterministic ELBO of moment propagation (``fit(method="moments")``).
+
+    The expected log-likelihood is taken under the Gaussian over the outputs that
+    :func:`varlin.moments.propagate` pushes through the model (Wu et al. 2019): in closed form
+    for Gaussian likelihoods (by quadrature over a heteroscedastic scale), so the loss and its
+    gradient carry no sampling noise; by sampling the logits only for classification. The KL is
+    the model's, as for :class:`Objective`.
+
+    Args:
+        model: a model :func:`varlin.moments.propagate` supports.
+        elbo: its ELBO.
+        covariance: ``"diagonal"`` or ``"full"`` (see :func:`varlin.moments.propagate`).
+    """
+
+    def __init__(self, model: nn.Module, elbo: ELBO, covariance: str = "diagonal") -> None:
+        super().__init__(model, elbo)
+        self.covariance = covariance
+
+    def output(self, x: Tensor) -> Distribution:
+        return propagate(self.model, x, covariance=self.covariance)
+
+
+#: The values of ``fit``'s ``method``: the Monte Carlo ELBO, or the moment-propagation one.
+METHODS = ("mc", "moments")
+
+
+def make_objective(
+    model: nn.Module, elbo: ELBO, method: str = "mc", covariance: str = "diagonal"
+) -> Objective:
+    """The objective of ``fit(method=...)``: :class:`Objective` or :class:`MomentObjective`."""
+    if method == "moments":
+        return MomentObjective(model, elbo, covariance)
+    return Objective(model, elbo)
 
 
 def _clone_state(module: nn.Module) -> dict[str, Tensor]:
@@ -123,9 +167,17 @@ class SingleModel:
     num_models = 1
     stacked = False
 
-    def __init__(self, model: nn.Module, likelihood: Likelihood, elbo: ELBO) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood,
+        elbo: ELBO,
+        *,
+        method: str = "mc",
+        covariance: str = "diagonal",
+    ) -> None:
         self.model, self.likelihood = model, likelihood
-        self.objective = Objective(model, elbo)
+        self.objective = make_objective(model, elbo, method, covariance)
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.hooks = DataParallelHooks(model, likelihood)
@@ -208,6 +260,8 @@ def fit(
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    method: str = "mc",
+    covariance: str = "diagonal",
 ) -> History:
     """Train ``model`` (and the likelihood's parameters) by minimising the negative ELBO.
 
@@ -239,6 +293,13 @@ def fit(
         seed: seeds the shuffling generator (the layers' noise comes from their own generators,
             or torch's default one, whose state the checkpoint also saves).
         progress: show a tqdm progress bar with the per-datum ELBO, the NLL and the KL.
+        method: ``"mc"``: the expected log-likelihood from the model's sampled output (its
+            layers' estimators); ``"moments"``: from the Gaussian over the outputs that
+            :func:`varlin.moments.propagate` pushes through the model (:class:`MomentObjective`:
+            deterministic loss and gradients for Gaussian likelihoods, Wu et al. 2019); the
+            validation predictive is then ``predict(method="moments")`` too.
+        covariance: with ``method="moments"``: ``"diagonal"`` or ``"full"`` (see
+            :func:`varlin.moments.propagate`).
 
     Returns:
         :class:`History`, one record per epoch.
@@ -272,9 +333,13 @@ def fit(
         checkpoint=checkpoint,
         resume=resume,
         progress=progress,
+        method=method,
+        covariance=covariance,
     )
     seed = int(seed)
     check_validation(validation)
+    if options.method == "moments":
+        check_model(model)
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -295,4 +360,5 @@ def fit(
         num_data = data_size
     elbo = ELBO(likelihood, num_data, beta=beta)
     sets = None if validation is None else [(validation[0].to(device), validation[1].to(device))]
-    return run(SingleModel(model, likelihood, elbo), batches, options, sets)[0]
+    trainee = SingleModel(model, likelihood, elbo, method=method, covariance=covariance)
+    return run(trainee, batches, options, sets)[0]

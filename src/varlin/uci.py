@@ -260,6 +260,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "independent models; fit: varlin.fit per split (the reference route, slower)",
     )
     parser.add_argument(
+        "--method",
+        choices=["mc", "moments"],
+        default=None,
+        help="mc (default): Monte Carlo ELBO and predictive; moments: moment propagation for "
+        "both (fit and predict with method='moments')",
+    )
+    parser.add_argument(
+        "--covariance",
+        choices=["diagonal", "full"],
+        default=None,
+        help="with --method moments: the activations' covariance (default diagonal)",
+    )
+    parser.add_argument(
         "--workers", type=V.arg_positive_int, default=1, help="parallel processes, one thread each"
     )
     parser.add_argument(
@@ -285,6 +298,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     """Run ``varlin uci`` with parsed ``args``; print a summary line per dataset; return 0."""
     torch.set_num_threads(1)
     overrides = {name: getattr(args, name, None) for name in _OVERRIDES}
+    if overrides["covariance"] not in (None, "diagonal") and overrides["method"] != "moments":
+        raise CLIError(f"--covariance {overrides['covariance']} applies only to --method moments")
     results: dict[str, Any] = {}
     if args.out is not None and Path(args.out).is_file():
         with contextlib.suppress(ValueError, OSError):

@@ -110,6 +110,10 @@ class UCIConfig:
             :func:`varlin.ensemble.fit_ensemble`); ``"fit"`` trains each split with
             :func:`varlin.fit`. The same loop, model, objective, optimiser, schedule and
             shuffles; only the weight noise is drawn differently.
+        method: ``"mc"``: the Monte Carlo ELBO and a ``test_samples``-sample predictive;
+            ``"moments"``: ``fit(method="moments")`` and ``predict(method="moments")`` (moment
+            propagation, Wu et al. 2019: no weight is sampled in training or scoring).
+        covariance: with ``method="moments"``, ``"diagonal"`` or ``"full"``.
     """
 
     hidden: int
@@ -127,6 +131,8 @@ class UCIConfig:
     test_samples: int = 200
     seed: int = 0
     trainer: Literal["stacked", "fit"] = "stacked"
+    method: Literal["mc", "moments"] = "mc"
+    covariance: Literal["diagonal", "full"] = "diagonal"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +169,8 @@ _OVERRIDES = (
     "test_samples",
     "seed",
     "trainer",
+    "method",
+    "covariance",
 )
 
 
@@ -364,21 +372,28 @@ def score(
     """``(log_likelihood, rmse, noise_std)`` of the evaluation rows, in original units.
 
     The predictive is :func:`varlin.predict` with ``config.test_samples`` posterior samples in
-    one batched call; the log density is the mixture's (see
-    :func:`original_units_log_likelihood`), computed in float64.
+    one batched call (``method="moments"``: the moment-propagation predictive); the log density
+    is the mixture's (see :func:`original_units_log_likelihood`), computed in float64.
     """
     x_eval = torch.as_tensor(split.X_eval, dtype=torch.float32)
     y_eval = torch.as_tensor(split.y_eval, dtype=torch.float64)
     pred = predict(
-        model, x_eval, num_samples=config.test_samples, likelihood=likelihood, batch_size=1024
-    )
+        model, x_eval, num_samples=config.test_samples, likelihood=likelihood, batch_size=1024,
+        method="moments" if config.method == "moments" else "auto",
+        covariance=config.covariance,
+    )  # fmt: skip
     assert isinstance(pred, RegressionPrediction)
+
+    def double(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.double()
+
     pred = RegressionPrediction(
         mean=pred.mean.double(),
         epistemic=pred.epistemic.double(),
         aleatoric=pred.aleatoric.double(),
-        sample_means=None if pred.sample_means is None else pred.sample_means.double(),
-        sample_vars=None if pred.sample_vars is None else pred.sample_vars.double(),
+        sample_means=double(pred.sample_means),
+        sample_vars=double(pred.sample_vars),
+        sample_weights=double(pred.sample_weights),
     )
     ll = original_units_log_likelihood(pred, y_eval, split.y_mean, split.y_std).mean()
     mean = pred.mean * split.y_std + split.y_mean
@@ -424,6 +439,8 @@ def run_split(split: SplitArrays, config: UCIConfig) -> SplitResult:
             optimizer=_adam(config.lr),
             seed=_seed(config, split.index),
             progress=False,
+            method=config.method,
+            covariance=config.covariance,
         )
     ll, rmse, noise = score(model, likelihood, split, config)
     seconds = time.perf_counter() - started
@@ -454,6 +471,8 @@ def _train_together(
             optimizer=_adam(config.lr),
             seeds=[_seed(config, s.index) for s in splits],
             progress=False,
+            method=config.method,
+            covariance=config.covariance,
         )
     per_split: list[list[str]] = [[] for _ in splits]
     for note in notes:  # fit_ensemble names the model a diagnostic is about (one: unnamed)
