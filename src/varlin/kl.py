@@ -106,21 +106,46 @@ def _kl_sum_grads(
     p_loc: Tensor,
     p_scale: Tensor,
     neutral: tuple[bool, bool],
-    needs: tuple[bool, bool],
-) -> tuple[Tensor | None, Tensor | None]:
-    """The closed-form gradients of :func:`_kl_sum_value` for ``q_loc`` and ``q_scale``."""
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The closed-form gradients of :func:`_kl_sum_value` for ``q_loc``, ``q_scale`` and, for a
+    learned prior (its tensors require grad), ``p_loc`` and ``p_scale``."""
     loc_zero, scale_one = neutral
+    need_q_loc, need_q_scale, need_p_loc, need_p_scale = needs
     coef = grad if scale_one else grad / p_scale.square()
-    grad_loc = grad_scale = None
-    if needs[0]:
-        grad_loc = torch.mul(q_loc, coef) if loc_zero else torch.sub(q_loc, p_loc).mul_(coef)
-    if needs[1]:
+    grad_loc = grad_scale = grad_p_loc = grad_p_scale = None
+    diff = None
+    if need_q_loc or need_p_loc or need_p_scale:
+        diff = q_loc if loc_zero else torch.sub(q_loc, p_loc)
+    if need_p_scale:
+        assert diff is not None
+        # Before grad_loc reuses diff's memory. n weights per prior entry (broadcast).
+        n = q_loc.numel() // p_scale.numel()
+        spread = _sum_squares_to(q_scale, p_scale.shape)
+        spread = spread + _sum_squares_to(diff, p_scale.shape)
+        grad_p_scale = (n - spread / p_scale.square()) / p_scale * grad
+    if need_q_loc or need_p_loc:
+        assert diff is not None
+        grad_loc = torch.mul(diff, coef) if diff is q_loc else diff.mul_(coef)
+        if need_p_loc:
+            grad_p_loc = grad_loc.sum_to_size(p_loc.shape).neg()
+        if not need_q_loc:
+            grad_loc = None
+    if need_q_scale:
         grad_scale = torch.div(grad.neg(), q_scale).addcmul_(q_scale, coef)
-    return grad_loc, grad_scale
+    return grad_loc, grad_scale, grad_p_loc, grad_p_scale
+
+
+def _sum_squares_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.square().sum_to_size(shape)``; a dot product (no temporary) for a one-entry shape."""
+    if shape.numel() == 1:
+        flat = t.reshape(-1)
+        return torch.dot(flat, flat).reshape(shape)
+    return t.square().sum_to_size(shape)
 
 
 class _NormalKLSum(torch.autograd.Function):
-    r"""``normal_kl(...).sum()`` with a hand-written backward (the prior gets no gradient).
+    r"""``normal_kl(...).sum()`` with a hand-written backward.
 
     Autograd through :func:`normal_kl` records a dozen weight-sized temporaries and replays as
     many elementwise passes backwards; the gradient is known in closed form and elementwise,
@@ -129,7 +154,17 @@ class _NormalKLSum(torch.autograd.Function):
         \partial_{\mu_q} = \frac{\mu_q-\mu_p}{\sigma_p^2}, \qquad
         \partial_{\sigma_q} = \frac{\sigma_q}{\sigma_p^2} - \frac{1}{\sigma_q},
 
-    so the backward is two passes per input and nothing is saved but the inputs.
+    so the backward is two passes per input and nothing is saved but the inputs. A prior that
+    is learned (empirical Bayes: its tensors require grad) gets its gradient too, summed over
+    the weights each of its entries covers (:math:`n` of them):
+
+    .. math::
+        \partial_{\mu_p} = -\sum \frac{\mu_q-\mu_p}{\sigma_p^2}, \qquad
+        \partial_{\sigma_p} = \frac{n}{\sigma_p}
+        - \frac{\sum\big(\sigma_q^2 + (\mu_q-\mu_p)^2\big)}{\sigma_p^3},
+
+    two sums of squares (one dot product each for a scalar prior) on top of the posterior's
+    passes.
     """
 
     @staticmethod
@@ -147,9 +182,9 @@ class _NormalKLSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q_loc, q_scale, p_loc, p_scale = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grads = _kl_sum_grads(grad, q_loc, q_scale, p_loc, p_scale, ctx.neutral, needs)
-        return (*grads, None, None)
+        return _kl_sum_grads(
+            grad, q_loc, q_scale, p_loc, p_scale, ctx.neutral, tuple(ctx.needs_input_grad)
+        )
 
 
 class _NormalKLSums(torch.autograd.Function):
@@ -177,11 +212,8 @@ class _NormalKLSums(torch.autograd.Function):
         grads: list[Tensor | None] = []
         for i, neutral in zip(range(0, len(tensors), 4), ctx.neutral, strict=True):
             q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
-            needed = (needs[i], needs[i + 1])
-            grad_loc, grad_scale = _kl_sum_grads(
-                grad, q_loc, q_scale, p_loc, p_scale, neutral, needed
-            )
-            grads += [grad_loc, grad_scale, None, None]
+            needed = tuple(needs[i : i + 4])
+            grads += _kl_sum_grads(grad, q_loc, q_scale, p_loc, p_scale, neutral, needed)
         return tuple(grads)
 
 
@@ -199,9 +231,9 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
     r"""``normal_kl(q_loc, q_scale, p_loc, p_scale).sum()`` (0-dim), the layers' hot path.
 
     Bit-identical value; the backward is a closed-form elementwise pass instead of autograd
-    through every intermediate (about 3x less time and no saved temporaries). The prior is
-    treated as constant (buffers); if a prior tensor requires grad, or the prior is larger than
-    the posterior, it falls back to autograd through :func:`normal_kl`, as it does under
+    through every intermediate (about 3x less time and no saved temporaries), for the posterior
+    and for a prior whose tensors require grad (a learned prior scale). If the prior is larger
+    than the posterior it falls back to autograd through :func:`normal_kl`, as it does under
     ``torch.compile`` (which fuses the plain expression itself) and ``torch.func.vmap``.
     """
     if q_loc.dtype == torch.float16:
@@ -214,13 +246,12 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
 
 def _fast_path(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) -> bool:
     """Whether :func:`normal_kl_sum` takes its closed-form backward (float16 aside): not under
-    ``torch.compile`` or ``torch.func`` transforms (``_plain_ops_only``), nor for a prior that
-    requires grad or is larger than the posterior."""
+    ``torch.compile`` or ``torch.func`` transforms (``_plain_ops_only``), nor for a prior larger
+    than the posterior (a learned prior, whose tensors require grad, gets its closed-form
+    gradient)."""
     return not (
         q_loc.dtype == torch.float16
         or _plain_ops_only()
-        or p_loc.requires_grad
-        or p_scale.requires_grad
         or q_scale.shape != q_loc.shape
         or not _broadcasts_to(p_loc.shape, q_loc.shape)
         or not _broadcasts_to(p_scale.shape, q_loc.shape)
