@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks of issue 6, for a machine with a CUDA device (run from anywhere):
-#   1. the speed table on the GPU: 256/1024/4096 features, batch 1024 -> $OUT/speed_cuda.{json,md}
+# GPU checks of issues 6 and 17, for a machine with a CUDA device (run from anywhere):
+#   1. the speed table on the GPU: 256/1024/4096 features, batch 1024, eager and with the
+#      CUDA-graph and torch.compile variants -> $OUT/speed_cuda.{json,md}
 #   2. the whole test suite with the GPU tests selected (-m "gpu or not gpu" also selects "slow").
 #
 #   OUT=/path/to/results PYTHON=python benchmarks/gpu_check.sh
@@ -22,7 +23,7 @@ assert torch.cuda.is_available(), "no CUDA device visible to torch"
 print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 EOF
 
-"$PY" benchmarks/speed.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/speed_cuda.log"
+"$PY" benchmarks/speed.py --device cuda --variants graph compile --out "$OUT" 2>&1 | tee "$OUT/speed_cuda.log"
 bench=${PIPESTATUS[0]}
 
 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/ 2>&1 | tee "$OUT/pytest_gpu.log"

@@ -26,7 +26,13 @@ standardised with the training rows' statistics, scores in original units):
      the noise scale by maximising its ``log_marginal_likelihood`` (Adam 0.1 on their logs, 1000
      steps, as its README's regression example); GLM predictive plus noise.
    - ``sklearn BayesianRidge``: defaults, on the features (``predict(return_std=True)``).
-3. Reported: test log-likelihood and RMSE (mean ± standard error over splits) and the mean time.
+3. Reported: test log-likelihood and RMSE (mean ± standard error over splits), the mean
+   wall-clock time and the mean CPU time of the process over the call (what the call itself
+   used, without the time the scheduler gave to other processes).
+   With ``--repeats R`` each method's fit + predict is run R times per split and its time is the
+   median of the R (the scores are the first run's): the fast heads take milliseconds, where one
+   measurement on a shared machine is mostly the scheduler's noise. The 1-minute load average
+   before and after the run is recorded with the machine.
 
 The goal (issue 18): a varlin route is the best, or within one standard error (of the best
 method's mean) of the best, on every dataset, and is the fastest among the methods that are.
@@ -35,6 +41,9 @@ Usage::
 
     python benchmarks/last_layer.py --data-dir ../shared/data/uci --splits 20 --workers 2
     python benchmarks/last_layer.py --render-only        # rebuild last_layer.md from the JSON
+    # re-run some methods on every split of the JSON (same extractors), replacing their results:
+    python benchmarks/last_layer.py --data-dir ../shared/data/uci --workers 2 \
+        --retime "varlin exact,sklearn BayesianRidge" --repeats 5
 
 Peers come from ``make bench-install`` (requirements-bench.txt, installed with ``--no-deps`` so
 that their pins cannot pull another torch); a peer that cannot be imported is skipped with a
@@ -257,15 +266,38 @@ def _run_split(name: str, index: int, cfg: Any, methods: Sequence[str]) -> dict[
     results: dict[str, Any] = {}
     for method in methods:
         run_cfg = argparse.Namespace(**{**vars(cfg), "seed": index})
-        mean, std, seconds = METHODS[method](net, x, y, xt, run_cfg)
+        mean, std, seconds, cpu = _timed(method, net, x, y, xt, run_cfg)
+        repeats = getattr(cfg, "repeats", 1)  # a JSON written before --repeats: one run
+        if repeats > 1:
+            again = [_timed(method, net, x, y, xt, run_cfg)[2:] for _ in range(repeats - 1)]
+            seconds = statistics.median([seconds, *(wall for wall, _ in again)])
+            cpu = statistics.median([cpu, *(used for _, used in again)])
         mean64, std64 = mean.double().reshape(-1), std.double().reshape(-1)
         # Scores in original units: y = y_mean + y_std * standardised.
         ll = torch.distributions.Normal(mean64, std64).log_prob(
             (y_test - split.y_mean) / split.y_std
         ) - math.log(split.y_std)
         rmse = ((mean64 * split.y_std + split.y_mean - y_test) ** 2).mean().sqrt()
-        results[method] = {"test_ll": float(ll.mean()), "rmse": float(rmse), "seconds": seconds}
+        results[method] = {
+            "test_ll": float(ll.mean()),
+            "rmse": float(rmse),
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+        }
     return {"dataset": name, "split": index, "results": results}
+
+
+def _timed(
+    method: str, net: nn.Sequential, x: Tensor, y: Tensor, xt: Tensor, cfg: Any
+) -> tuple[Tensor, Tensor, float, float]:
+    """A method's prediction, its wall-clock time and the process's CPU time over the call.
+
+    The CPU time is what the call itself used: on a shared machine the wall-clock time also
+    holds the time the scheduler gave to other processes, which dominates calls of milliseconds.
+    """
+    started = time.process_time()
+    mean, std, seconds = METHODS[method](net, x, y, xt, cfg)
+    return mean, std, seconds, time.process_time() - started
 
 
 def mean_and_stderr(values: Sequence[float]) -> list[float]:
@@ -278,10 +310,12 @@ def summarise(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, A
     summary: dict[str, Any] = {}
     for name in dict.fromkeys(run["dataset"] for run in runs):
         rows = [run for run in runs if run["dataset"] == name]
+        # cpu_seconds: absent from runs written before it was recorded (kept by --retime).
         summary[name] = {
             method: {
                 key: mean_and_stderr([row["results"][method][key] for row in rows])
-                for key in ("test_ll", "rmse", "seconds")
+                for key in ("test_ll", "rmse", "seconds", "cpu_seconds")
+                if all(key in row["results"][method] for row in rows)
             }
             for method in methods
         }
@@ -323,19 +357,33 @@ def render(data: dict[str, Any]) -> str:
     head = "| " + " | ".join(["method", *(SHORT.get(n, n) for n in names)]) + " |"
     rule = "|---|" + "---:|" * len(names)
 
-    def table(key: str, digits: int, title: str) -> list[str]:
+    def table(key: str, digits: int, title: str, unit: float = 1.0) -> list[str]:
         lines = [f"**{title}**", "", head, rule]
         for method in methods:
             cells = []
             for name in names:
-                mean, se = summary[name][method][key]
-                best = (
-                    max if key == "test_ll" else min
-                )(methods, key=lambda m, n=name: summary[n][m][key][0])  # fmt: skip
+                if key not in summary[name][method]:
+                    cells.append("—")  # not recorded for this method (an earlier run)
+                    continue
+                mean, se = (unit * value for value in summary[name][method][key])
+                best = (max if key == "test_ll" else min)(
+                    (m for m in methods if key in summary[name][m]),
+                    key=lambda m, n=name: summary[n][m][key][0],
+                )
                 text = f"{mean:.{digits}f} ± {se:.{digits}f}"
                 cells.append(f"**{text}**" if method == best else text)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         return [*lines, ""]
+
+    cpu_table = []
+    if any("cpu_seconds" in summary[n][m] for n in names for m in methods):
+        cpu_table = table(
+            "cpu_seconds",
+            2,
+            "CPU time of fit + predict, milliseconds (the process's, one thread; — where the "
+            "run did not record it)",
+            unit=1e3,
+        )
 
     splits = ", ".join(f"{SHORT.get(n, n)} {summary[n]['splits']}" for n in names)
     lines = [
@@ -344,6 +392,7 @@ def render(data: dict[str, Any]) -> str:
         *table("test_ll", 2, "Test log-likelihood (original units; higher is better)"),
         *table("rmse", 2, "Test RMSE (original units)"),
         *table("seconds", 3, "Fit + predict time, seconds (one thread)"),
+        *cpu_table,
         "**Goal**: a varlin route best or within one standard error (of the best's mean) of "
         "the best test log-likelihood on every dataset, and the fastest of the methods that are.",
         "",
@@ -360,13 +409,48 @@ def render(data: dict[str, Any]) -> str:
             f"{'yes' if met else 'no'} |"
         )
     machine = data["machine"]
+    retimed = data.get("retimed")
+    if retimed:
+        changes = "; ".join(
+            f"{m}: test LL {c['test_ll']:.1e}, RMSE {c['rmse']:.1e}"
+            for m, c in retimed["largest_change"].items()
+        )
+        lines += [
+            "",
+            f"Re-run with `--retime` (every split, the same extractors, "
+            f"{retimed.get('workers', data['config']['workers'])} worker(s)): "
+            f"{', '.join(retimed['methods'])}; their rows are from that run, the others from "
+            f"the first. Largest change of a split's score against the first run: {changes}. "
+            f"Time: {_timing(retimed)}.",
+        ]
     lines += [
         "",
         f"Machine: {machine['cpu']}, {machine['cpu_count']} CPUs, one torch thread per worker "
         f"({data['config']['workers']} workers), torch {machine['torch']}, Python "
-        f"{machine['python']}. Command: `{data['command']}`",
+        f"{machine['python']}; time of the first run: {_timing(data)}. "
+        f"Command: `{data['command']}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _timing(run: dict[str, Any]) -> str:
+    """How a run's times were taken: repeats and the machine's load around it (if recorded)."""
+    repeats = run.get("repeats", run.get("config", {}).get("repeats", 1))
+    text = "one measurement per split" if repeats == 1 else f"median of {repeats} per split"
+    loads = run.get("load")  # [before, after] per invocation (several after --append)
+    if not loads:
+        return text + ", load not recorded"
+    spans = ", then ".join(f"{before:.1f} before and {after:.1f} after" for before, after in loads)
+    return f"{text}, 1-minute load average {spans}"
+
+
+def _load_average() -> float:
+    """The 1-minute load average (NaN where the platform has none): other work on the CPUs
+    stretches every time in the table."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
 
 
 def _machine() -> dict[str, Any]:
@@ -415,9 +499,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--extractor-epochs", type=int, default=100)
     parser.add_argument("--head-epochs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="time each method R times per split (median)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON + md")
     parser.add_argument("--render-only", action="store_true", help="rebuild md from the JSON")
+    parser.add_argument(
+        "--retime",
+        default=None,
+        help="comma-separated methods to re-run on every split in --out's JSON (the same "
+        "extractors, retrained from their seeds); their results are replaced, the others kept",
+    )
     args = parser.parse_args(argv)
     if not args.render_only and args.data_dir is None:
         parser.error("--data-dir is required (the folder holding bostonHousing/, concrete/, ...)")
@@ -426,7 +519,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{option.replace('_', '-')} must be >= 1")
     if args.first_split < 0:
         parser.error("--first-split must be >= 0")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if args.retime is not None:
+        unknown = sorted(set(args.retime.split(",")) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     return args
@@ -439,24 +536,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["goals"] = goals(data["summary"], data["methods"])
         write_outputs(data, args.out)
         return 0
+    if args.retime is not None:
+        return retime(args, argv)
     methods = available_methods(args.methods.split(","))
     names = args.dataset or list(DATASETS)
     tasks = []
     for name in names:
         stop = min(args.first_split + args.splits, load_uci(name, data_dir=args.data_dir).n_splits)
         tasks += [(name, i) for i in range(args.first_split, stop)]
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    if args.workers == 1:
-        runs = [run_split(name, i, args, methods) for name, i in tasks]
-    else:
-        with cf.ProcessPoolExecutor(args.workers) as pool:
-            futures = [pool.submit(run_split, name, i, args, methods) for name, i in tasks]
-            for future in cf.as_completed(futures):
-                runs.append(future.result())
-                print(f"{len(runs)}/{len(tasks)} splits done", file=sys.stderr, flush=True)
+    started, load_before = time.perf_counter(), _load_average()
+    runs = _run_all(tasks, args, methods)
     command = "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
     seconds = time.perf_counter() - started
+    loads = [[load_before, _load_average()]]
     if args.append:  # e.g. splits 10-19 after a run of 0-9: one table over all of them
         old = json.loads((args.out / "last_layer.json").read_text())
         if old["methods"] != methods:
@@ -465,19 +557,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs += [run for run in old["runs"] if (run["dataset"], run["split"]) not in done]
         names += [name for name in dict.fromkeys(r["dataset"] for r in runs) if name not in names]
         command, seconds = f"{old['command']}; {command}", seconds + old["seconds"]
+        loads = [*old.get("load", []), *loads]
     runs.sort(key=lambda run: (names.index(run["dataset"]), run["split"]))
     summary = summarise(runs, methods)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "render_only", "append")}
+    skip = ("out", "render_only", "append", "retime")
+    config = {k: v for k, v in vars(args).items() if k not in skip}
     data = {
         "command": command,
         "machine": _machine(),
         "config": config,
         "methods": methods,
         "seconds": seconds,
+        "load": loads,
         "summary": summary,
         "goals": goals(summary, methods),
         "runs": runs,
     }
+    write_outputs(data, args.out)
+    print(render(data))
+    return 0
+
+
+def _run_all(
+    tasks: Sequence[tuple[str, int]], args: argparse.Namespace, methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    if args.workers == 1:
+        return [run_split(name, i, args, methods) for name, i in tasks]
+    runs = []
+    with cf.ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(run_split, name, i, args, methods) for name, i in tasks]
+        for future in cf.as_completed(futures):
+            runs.append(future.result())
+            print(f"{len(runs)}/{len(tasks)} splits done", file=sys.stderr, flush=True)
+    return runs
+
+
+def retime(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Re-run ``--retime``'s methods on every split of the saved JSON and replace their results.
+
+    Each split's extractor is retrained from its seed with the saved settings (the same network,
+    so the same features); the other methods' results are kept. Prints, per re-run method, the
+    largest change of its test log-likelihood and RMSE against the saved run, so that a re-run
+    for timing shows whether the scores moved.
+    """
+    data = json.loads((args.out / "last_layer.json").read_text())
+    methods = args.retime.split(",")
+    missing = sorted(set(methods) - set(data["methods"]))
+    if missing:
+        raise SystemExit(f"--retime: the JSON has no results of {missing}")
+    unavailable = sorted(set(methods) - set(available_methods(methods)))
+    if unavailable:
+        raise SystemExit(f"--retime: cannot run {unavailable} here (see the notes above)")
+    saved = argparse.Namespace(**{**vars(args), **data["config"]})
+    saved.data_dir, saved.workers, saved.repeats = args.data_dir, args.workers, args.repeats
+    tasks = [(run["dataset"], run["split"]) for run in data["runs"]]
+    started, load_before = time.perf_counter(), _load_average()
+    fresh = {(r["dataset"], r["split"]): r for r in _run_all(tasks, saved, methods)}
+    loads = [[load_before, _load_average()]]
+    changes = dict.fromkeys(methods, (0.0, 0.0))
+    for run in data["runs"]:
+        for method in methods:
+            new = fresh[(run["dataset"], run["split"])]["results"][method]
+            old = run["results"][method]
+            ll, rmse = changes[method]
+            changes[method] = (
+                max(ll, abs(new["test_ll"] - old["test_ll"])),
+                max(rmse, abs(new["rmse"] - old["rmse"])),
+            )
+            run["results"][method] = new
+    for method, (ll, rmse) in changes.items():
+        print(f"{method}: largest change of test LL {ll:.2e}, of RMSE {rmse:.2e}", file=sys.stderr)
+    command = "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    data["command"] = f"{data['command']}; {command}"
+    data["retimed"] = {
+        "methods": methods,
+        "seconds": time.perf_counter() - started,
+        "repeats": args.repeats,
+        "workers": args.workers,
+        "load": loads,
+        "largest_change": {m: {"test_ll": c[0], "rmse": c[1]} for m, c in changes.items()},
+    }
+    data["summary"] = summarise(data["runs"], data["methods"])
+    data["goals"] = goals(data["summary"], data["methods"])
     write_outputs(data, args.out)
     print(render(data))
     return 0

@@ -12,6 +12,10 @@ Usage::
     # markdown table of docs/results/uci.md, side by side with the published columns
     python benchmarks/uci.py render /tmp/uci_hom.json /tmp/uci_het.json --json docs/results/uci.json
 
+    # the same with --prior empirical (learned prior scales), beside the fixed-prior results
+    python benchmarks/uci.py render-empirical /tmp/uci_hom_eb.json /tmp/uci_het_eb.json \
+        --fixed docs/results/uci.json --json docs/results/uci_empirical.json
+
     # moment propagation (--method moments): the runs beside the Monte Carlo ones of uci.json
     # and the published DVI columns; writes docs/results/uci_moments.json, prints the markdown
     python benchmarks/uci.py render-moments --het /tmp/het_diag.json --hom /tmp/hom_diag.json \
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from typing import Any
 
@@ -100,20 +105,23 @@ def render(hom: dict[str, Any], het: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _targets(hom: dict[str, Any], het: dict[str, Any]) -> str:
-    def count(run: dict[str, Any], column: int, strict: bool) -> tuple[int, list[str]]:
-        met, missed = 0, []
-        for folder, row in PUBLISHED.items():
-            if folder not in run:
-                missed.append(f"{row[0]} (not run)")
-                continue
-            ours, ref = round(run[folder]["test_ll"][0], 2), row[column]
-            if ours > ref or (ours == ref and not strict):
-                met += 1
-            else:
-                missed.append(f"{row[0]} ({ours:.2f} vs {ref:.2f})")
-        return met, missed
+def count(run: dict[str, Any], column: int, strict: bool) -> tuple[int, list[str]]:
+    """Datasets where ``run``'s test LL (at the published two decimals) is above (``strict``) or
+    at/above the published ``column`` of :data:`PUBLISHED`; and the others, described."""
+    met, missed = 0, []
+    for folder, row in PUBLISHED.items():
+        if folder not in run:
+            missed.append(f"{row[0]} (not run)")
+            continue
+        ours, ref = round(run[folder]["test_ll"][0], 2), row[column]
+        if ours > ref or (ours == ref and not strict):
+            met += 1
+        else:
+            missed.append(f"{row[0]} ({ours:.2f} vs {ref:.2f})")
+    return met, missed
 
+
+def _targets(hom: dict[str, Any], het: dict[str, Any]) -> str:
     out = []
     for label, run in (("homoscedastic", hom), ("heteroscedastic", het)):
         for goal, column, strict in (
@@ -305,6 +313,107 @@ def gap_main(argv: list[str]) -> int:
     return 0
 
 
+#: Issue 18's goals for the empirical-Bayes runs: (likelihood, published column, its name, least
+#: number of datasets at/above it).
+EMPIRICAL_GOALS = (("homoscedastic", 3, "MC dropout", 7), ("heteroscedastic", 4, "MCVI", 8))
+
+
+def render_empirical(
+    eb: dict[str, dict[str, Any]], fixed: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """The markdown of the ``--prior empirical`` runs: test LL and RMSE beside the fixed-prior
+    runs (``fixed``, as ``uci.json``) and the published columns, the learned prior scales
+    (median over splits), and issue 18's goals, met or missed by how much."""
+    fixed = fixed or {}
+    kinds = ("homoscedastic", "heteroscedastic")
+
+    def cell(kind: str, runs: dict[str, dict[str, Any]], folder: str, key: str, d: int) -> str:
+        entry = runs.get(kind, {}).get(folder)
+        return _pm(entry[key], d) if entry else "—"
+
+    lines = [
+        "| test LL | MC dropout | MCVI (het.) | homosc., fixed | **homosc., EB** | heterosc., "
+        "fixed | **heterosc., EB** | splits | wall s (hom / het EB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for folder, (short, _vi, _pbp, dropout, mcvi) in PUBLISHED.items():
+        h, e = eb.get("homoscedastic", {}).get(folder), eb.get("heteroscedastic", {}).get(folder)
+        splits = (h or e or {}).get("splits", "—")
+        wall = " / ".join(f"{r['seconds']:.0f}" if r else "—" for r in (h, e))
+        cells = [cell(k, runs, folder, "test_ll", 2) for k in kinds for runs in (fixed, eb)]
+        lines.append(
+            f"| {short} | {dropout:.2f} | {mcvi:.2f} | {' | '.join(cells)} | {splits} | {wall} |"
+        )
+    lines += [
+        "",
+        "| test RMSE | homosc., fixed | homosc., EB | heterosc., fixed | heterosc., EB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for folder, (short, *_) in PUBLISHED.items():
+        d = 4 if folder == "naval-propulsion-plant" else 2
+        cells = [cell(k, runs, folder, "rmse", d) for k in kinds for runs in (fixed, eb)]
+        lines.append(f"| {short} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Learned prior scales at the end of training, median over splits (each layer's weights "
+        "and bias; standardised units; they start at the fixed run's prior scale):",
+        "",
+        "| dataset | likelihood | start | layer 1 weights | layer 1 bias | layer 2 weights | "
+        "layer 2 bias |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for folder, (short, *_) in PUBLISHED.items():
+        for kind in kinds:
+            entry = eb.get(kind, {}).get(folder)
+            scales = entry and entry["per_split"].get("prior_scales")
+            if not scales:
+                continue
+            medians = [
+                f"{statistics.median(split[name] for split in scales):.3g}"
+                for name in ("0.w_prior", "0.b_prior", "2.w_prior", "2.b_prior")
+            ]
+            start = entry["config"]["prior_scale"]
+            lines.append(f"| {short} | {kind} | {start:g} | {' | '.join(medians)} |")
+    lines.append("")
+    for kind, column, name, need in EMPIRICAL_GOALS:
+        run = eb.get(kind, {})
+        met, missed = count(run, column, strict=False)
+        verdict = "met" if met >= need else f"missed by {need - met}"
+        rest = f"; short: {', '.join(missed)}" if missed else ""
+        line = (
+            f"- {kind} with empirical Bayes, at/above {name}: {met}/9 "
+            f"(goal ≥ {need}/9: {verdict}){rest}"
+        )
+        if kind in fixed:
+            before, _ = count(fixed[kind], column, strict=False)
+            line += f"; with the fixed prior: {before}/9"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_empirical_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="uci.py render-empirical")
+    parser.add_argument(
+        "homoscedastic", help="--out file of the homoscedastic --prior empirical run"
+    )
+    parser.add_argument("heteroscedastic", help="--out file of the heteroscedastic one")
+    parser.add_argument("--fixed", default=None, help="uci.json of the fixed-prior runs")
+    parser.add_argument("--json", default=None, help="write the merged empirical results here")
+    args = parser.parse_args(argv)
+    eb = {}
+    for kind in ("homoscedastic", "heteroscedastic"):
+        with open(getattr(args, kind)) as fh:
+            eb[kind] = json.load(fh)
+    fixed = None
+    if args.fixed is not None:
+        with open(args.fixed) as fh:
+            fixed = json.load(fh)
+    if args.json is not None:
+        write_json_atomic(args.json, eb)
+    print(render_empirical(eb, fixed))
+    return 0
+
+
 def _cell(run: dict[str, Any] | None, folder: str) -> str:
     if not run or folder not in run:
         return "—"
@@ -420,6 +529,8 @@ if __name__ == "__main__":
         sys.exit(families_main(sys.argv[2:]))
     if sys.argv[1:2] == ["gap"]:
         sys.exit(gap_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["render-empirical"]:
+        sys.exit(render_empirical_main(sys.argv[2:]))
     if sys.argv[1:2] == ["render-moments"]:
         sys.exit(render_moments_main(sys.argv[2:]))
     sys.exit(main())

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_script
+
+import varlin
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
 def _load_speed():
     return load_script(SCRIPT, "bench_speed")
+
+
+def _run_quick(speed, out: Path, *args: str) -> dict:
+    """A --quick run at 16 features, batch 4, without peers; the JSON it wrote."""
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--quick", "--sizes", "16:4", "--no-peers", "--out", str(out), *args])
+    finally:
+        torch.set_num_threads(threads)  # the script sets all CPUs; leave the session as it was
+    return json.loads((out / "speed.json").read_text())
 
 
 def _positive(value: object) -> bool:
@@ -66,13 +81,7 @@ def test_quick_run_has_the_posterior_family_rows(tmp_path: Path) -> None:
     """Issue 11's rows: every family's train step against the mean-field step with the same
     estimator, a memory row per family, and the full-covariance layer on a shape of its own."""
     speed = _load_speed()
-    threads = torch.get_num_threads()
-    try:
-        speed.main(["--quick", "--sizes", "16:4", "--rounds", "1", "--no-peers", "--out",
-                    str(tmp_path)])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    data = json.loads((tmp_path / "speed.json").read_text())
+    data = _run_quick(speed, tmp_path, "--rounds", "1")
     (size,) = data["sizes"]
     for key, _options, estimator in speed.FAMILY_ROWS:
         entry = size["train"][key]
@@ -120,3 +129,201 @@ def test_quick_conv_run_writes_the_convolution_table(tmp_path: Path) -> None:
     assert "train varlin.local at 4ch 6×6" in targets
     markdown = (tmp_path / "speed.md").read_text()
     assert "## Convolutions (issue 13)" in markdown and "load average" in markdown
+
+
+def _floor_like(speed, layer, estimator: str):
+    """A floor holding the layer's parameters (and its own generator, seeded by the caller)."""
+    floor = speed.Floor(estimator, layer.in_features, layer.out_features, torch.device("cpu"))
+    with torch.no_grad():
+        for mine, theirs in zip(floor.params, _layer_params(layer), strict=True):
+            mine.copy_(theirs)
+    floor.generator = torch.Generator()
+    return floor
+
+
+def _layer_params(layer) -> list[torch.Tensor]:
+    w, b = layer.w_posterior, layer.b_posterior
+    return [w.loc, w.raw_scale, b.loc, b.raw_scale]
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_floor_computes_the_layers_loss_gradients_and_step(estimator: str) -> None:
+    """Issue 17: a floor may skip overhead, never work. For the same noise (the same seed, drawn
+    in the layer's order) its hand-written loss and gradients equal autograd's through the layer
+    (float32 rounding only), and one Adam step moves the parameters alike."""
+    speed = _load_speed()
+    gen = torch.Generator().manual_seed(0)
+    layer = varlin.LinearVariationalNormal(13, 7, estimator=estimator, generator=gen)
+    with torch.no_grad():  # scales away from their common initial value, some near 1
+        layer.w_posterior.raw_scale.copy_(torch.randn(13, 7, generator=gen) - 1.0)
+        layer.b_posterior.raw_scale.copy_(torch.randn(7, generator=gen) - 1.0)
+    x, t = torch.randn(5, 13, generator=gen), torch.randn(5, 7, generator=gen)
+    floor = _floor_like(speed, layer, estimator)
+    layer_opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    floor_opt = torch.optim.Adam(floor.params, lr=1e-2)
+
+    gen.manual_seed(1)
+    y, kl = layer(x, kl_weight=1.0 / speed.NUM_DATA)
+    loss = F.mse_loss(y, t) + kl
+    loss.backward()
+    floor.generator.manual_seed(1)
+    floor_loss, grads = floor.loss_and_grads(x, t)
+    torch.testing.assert_close(floor_loss, loss.detach(), rtol=1e-6, atol=0)
+    for param, grad in zip(_layer_params(layer), grads, strict=True):
+        assert param.grad is not None and bool(param.grad.abs().max() > 0)
+        torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-7)
+
+    layer_opt.step()
+    for param, grad in zip(floor.params, grads, strict=True):
+        param.grad = grad
+    floor_opt.step()
+    for mine, theirs in zip(floor.params, _layer_params(layer), strict=True):
+        torch.testing.assert_close(mine, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_floor_inference_draws_the_layers_output(estimator: str) -> None:
+    speed = _load_speed()
+    gen = torch.Generator().manual_seed(2)
+    layer = varlin.VariationalLinear(11, 6, estimator=estimator, generator=gen)
+    x = torch.randn(4, 11, generator=gen)
+    floor = _floor_like(speed, layer, estimator)
+    gen.manual_seed(3)
+    with torch.no_grad():
+        y = layer(x)
+    floor.generator.manual_seed(3)
+    torch.testing.assert_close(floor.infer(x), y, rtol=1e-6, atol=1e-7)
+
+
+def test_floor_that_skips_work_is_caught() -> None:
+    """The check above can fail: a floor that forgets the KL's gradient differs from the layer."""
+    speed = _load_speed()
+    gen = torch.Generator().manual_seed(4)
+    layer = varlin.LinearVariationalNormal(9, 3, generator=gen)
+    x, t = torch.randn(6, 9, generator=gen), torch.randn(6, 3, generator=gen)
+    floor = _floor_like(speed, layer, "reparameterization")
+    floor.kl_weight = 0.0  # drops the KL's gradient (and value) only
+    gen.manual_seed(5)
+    y, kl = layer(x, kl_weight=1.0 / speed.NUM_DATA)
+    (F.mse_loss(y, t) + kl).backward()
+    floor.generator.manual_seed(5)
+    _, grads = floor.loss_and_grads(x, t)
+    assert layer.w_posterior.raw_scale.grad is not None
+    assert not torch.allclose(grads[1], layer.w_posterior.raw_scale.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_quick_run_has_floor_rows_and_issue_17_targets(tmp_path: Path) -> None:
+    speed = _load_speed()
+    data = _run_quick(speed, tmp_path, "--rounds", "2", "--no-families")
+    (size,) = data["sizes"]
+    assert "full_covariance" not in data  # --no-families: no family rows, no full-covariance
+    assert not any(key in size["train"] for key, _, _ in speed.FAMILY_ROWS)
+    for section in ("train", "inference"):
+        for estimator in speed.VARLIN_ESTIMATORS:
+            floor = size[section][f"floor: {estimator}"]
+            assert floor["baseline"] == "nn.Linear" and _positive(floor["ratio"])
+            entry = size[section][f"varlin.{estimator}"]
+            assert entry["floor"] == f"floor: {estimator}" and _positive(entry["floor_ratio"])
+    assert size["inference"]["varlin.deterministic"]["floor"] == "nn.Linear"
+    floor_targets = [row for row in data["targets"] if row["section"] == "floor"]
+    assert {row["impl"] for row in floor_targets} == set(speed.FLOOR_OF)
+    assert all(row["bound"] == "<= 1.3" for row in floor_targets)  # 16 features: the 256 bound
+    assert "× own floor" in (tmp_path / "speed.md").read_text()
+
+
+def test_lead_targets_use_per_round_ratios() -> None:
+    """The lead over a peer is the median of per-round ratios peer / varlin."""
+    speed = _load_speed()
+    row = {"ratio": 1.0, "median_ms": 1.0, "baseline": "nn.Linear"}
+    train = {
+        "varlin.reparameterization": {**row, "times_ms": [1.0, 2.0, 1.0]},
+        "torchbnn.BayesLinear": {**row, "times_ms": [1.1, 2.0, 1.3]},
+        "blitz.BayesianLinear": {**row, "times_ms": [5.0, 9.0, 5.0]},
+    }
+    (target,) = speed._floor_and_lead_targets([{"in_features": 1024, "train": train}])
+    assert target["impl"] == "varlin.reparameterization"
+    assert "torchbnn.BayesLinear" in target["target"]
+    # medians of the times would give 1.3 / 1.0 and meet the bound; per round: 1.1, 1.0, 1.3
+    assert target["value"] == pytest.approx(1.1) and not target["met"]
+    assert speed._floor_bound(256) == 1.3 and speed._floor_bound(2048) == 1.15
+    assert speed._floor_bound(16) == 1.3
+
+
+def test_cuda_graph_variant_needs_a_gpu_and_variant_rows_pair_with_their_own_linear() -> None:
+    """The GPU mode's arguments (issue 17), checked where no GPU is: the graph variant refuses
+    the CPU with one line; every variant row is timed against nn.Linear with that variant."""
+    speed = _load_speed()
+    with pytest.raises(SystemExit, match="--variants graph: CUDA graphs need --device cuda"):
+        speed.main(["--quick", "--variants", "graph", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit):  # argparse: not a variant
+        speed.main(["--quick", "--variants", "eager", "--out", "/nonexistent"])
+    rows = speed._variant_impls(["graph", "compile"])
+    keys = {row.key: row for row in rows}
+    for variant in ("graph", "compile"):
+        assert keys[f"nn.Linear [{variant}]"].baseline == f"nn.Linear [{variant}]"
+        for estimator in speed.VARLIN_ESTIMATORS:
+            row = keys[f"varlin.{estimator} [{variant}]"]
+            assert row.variant == variant and row.baseline == f"nn.Linear [{variant}]"
+    cuda_targets = {key for _, key in speed.TARGETS["cuda"]}
+    assert {"varlin.reparameterization [graph]", "varlin.reparameterization"} <= cuda_targets
+
+
+@pytest.mark.slow
+def test_compile_variant_runs_on_the_cpu(tmp_path: Path) -> None:
+    """``--variants compile`` end to end on a tiny layer (torch.compile takes a while)."""
+    speed = _load_speed()
+    data = _run_quick(speed, tmp_path, "--rounds", "1", "--variants", "compile")
+    (size,) = data["sizes"]
+    for section in ("train", "inference"):
+        for estimator in speed.VARLIN_ESTIMATORS:
+            entry = size[section][f"varlin.{estimator} [compile]"]
+            assert entry["baseline"] == "nn.Linear [compile]" and _positive(entry["ratio"])
+
+
+def test_before_rows_time_a_second_copy_of_varlin_in_the_same_rounds(tmp_path: Path) -> None:
+    """``--before SRC`` imports the package in SRC beside this one (here: this very source)
+    and times its estimator rows in the same rounds; the before → after table comes with them."""
+    speed = _load_speed()
+    src = Path(__file__).resolve().parents[1] / "src"
+    try:
+        data = _run_quick(speed, tmp_path, "--rounds", "2", "--before", str(src),
+                          "--before-label", "same code")  # fmt: skip
+    finally:
+        sys.modules.pop("varlin_before", None)
+    (size,) = data["sizes"]
+    for section in ("train", "inference"):
+        for estimator in speed.VARLIN_ESTIMATORS:
+            entry = size[section][f"before: varlin.{estimator}"]
+            assert entry["baseline"] == "nn.Linear" and len(entry["times_ms"]) == 2
+    assert data["before"] == {"path": str(src), "label": "same code"}
+    assert not any(key.startswith("before: ") for key in size["memory"])
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "Before and after in the same process: `same code`" in markdown
+    with pytest.raises(SystemExit, match="--before: no varlin package in"):
+        speed.main(["--quick", "--before", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_profile_flag_writes_per_op_tables(tmp_path: Path) -> None:
+    """``--profile`` (issue 17): per-op self times of each train step and its phases, for
+    nn.Linear, every estimator and every floor, as JSON and a trimmed markdown page."""
+    speed = _load_speed()
+    threads = torch.get_num_threads()
+    try:
+        speed.main(["--profile", "--quick", "--sizes", "16:4", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "speed_profile.json").read_text())
+    (size,) = data["sizes"]
+    expected = {"nn.Linear", *speed.FLOOR_OF, *speed.FLOOR_OF.values()}
+    assert set(size["train"]) == expected
+    for key, row in size["train"].items():
+        assert _positive(row["wall_ms"]) and row["ops"], key
+        assert any(op["op"] in ("aten::mm", "aten::addmm") for op in row["ops"]), key
+        phases = set(row["phases"])
+        if key.startswith("floor: "):
+            assert phases == {"forward + backward", "Adam.step"}, key
+        else:
+            assert {"forward", "backward", "Adam.step"} <= phases, key
+    markdown = (tmp_path / "speed_profile.md").read_text()
+    assert "## Summary" in markdown and "**floor: flipout**" in markdown
+    assert markdown.count("| op | calls / step | self ms / step |") == len(expected)

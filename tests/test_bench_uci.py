@@ -1,71 +1,61 @@
-"""benchmarks/uci.py's tables: the gap protocol's tallies and the family columns."""
+"""benchmarks/uci.py render-empirical: the table and the goal tallies of the --prior empirical
+runs, on made-up entries (no training)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Iterator
+import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "uci.py"
 
 
-@pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_uci", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+def _entry(ll: float, scales: list[float] | None = None) -> dict[str, Any]:
+    per_split: dict[str, Any] = {"test_ll": [ll], "rmse": [1.0]}
+    if scales is not None:
+        names = ("0.w_prior", "0.b_prior", "2.w_prior", "2.b_prior")
+        per_split["prior_scales"] = [{n: s for n in names} for s in scales]
+    return {
+        "test_ll": [ll, 0.01], "rmse": [1.0, 0.1], "splits": 3, "seconds": 12.0,
+        "config": {"prior_scale": 2.0}, "per_split": per_split,
+    }  # fmt: skip
 
 
-def _gap_run(lls: list[float]) -> dict[str, Any]:
-    gap = {"dimensions": [0, 2, 5], "linear_test_ll": [-1.0, -2.0, -3.0]}
-    return {"yacht": {"gap": gap, "per_split": {"test_ll": lls}}}
+def test_render_empirical_counts_each_goal_against_its_published_column(tmp_path: Path) -> None:
+    bench = load_script(SCRIPT, "bench_uci")
+    published = bench.PUBLISHED
+    folders = list(published)
+    # Homoscedastic: exactly at MC dropout on 7 (a tie at two decimals counts), 0.05 short on
+    # 2. Heteroscedastic: 0.01 above MCVI on 7, short on 2 (goal 8: missed by 1).
+    hom = {f: _entry(published[f][3] - (0.05 if i < 2 else 0.0), [0.5, 0.7, 0.9]) for i, f in
+           enumerate(folders)}  # fmt: skip
+    het = {f: _entry(published[f][4] + (-0.2 if i >= 7 else 0.01)) for i, f in enumerate(folders)}
+    fixed = {"homoscedastic": {f: _entry(-99.0) for f in folders}, "heteroscedastic": {}}
+    text = bench.render_empirical({"homoscedastic": hom, "heteroscedastic": het}, fixed)
+    assert "homoscedastic with empirical Bayes, at/above MC dropout: 7/9 (goal ≥ 7/9: met)" in text
+    boston = f"boston ({published['bostonHousing'][3] - 0.05:.2f} vs -2.46)"
+    assert boston in text and "with the fixed prior: 0/9" in text
+    assert (
+        "heteroscedastic with empirical Bayes, at/above MCVI: 7/9 (goal ≥ 8/9: missed by 1)" in text
+    )
+    assert "| boston | homoscedastic | 2 | 0.7 | 0.7 | 0.7 | 0.7 |" in text  # median of 3 splits
+    assert "| boston | heteroscedastic |" not in text  # no learned scales recorded there
+    # The command writes the merged JSON and prints the same text.
+    for name, run in (("hom", hom), ("het", het)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    (tmp_path / "fixed.json").write_text(json.dumps(fixed))
+    argv = [str(tmp_path / "hom.json"), str(tmp_path / "het.json")]
+    argv += ["--fixed", str(tmp_path / "fixed.json"), "--json", str(tmp_path / "eb.json")]
+    assert bench.render_empirical_main(argv) == 0
+    assert json.loads((tmp_path / "eb.json").read_text()) == {
+        "homoscedastic": hom, "heteroscedastic": het,
+    }  # fmt: skip
 
 
-def test_gap_summary_counts_splits_within_a_tenth_of_a_nat_and_finds_the_worst(
-    bench: ModuleType,
-) -> None:
-    runs = {"A": _gap_run([-1.05, -2.5, -3.0]), "B": _gap_run([-1.2, -2.08, -10.0])}
-    entry = bench.gap_summary(runs)["yacht"]
-    a, b = entry["families"]["A"], entry["families"]["B"]
-    assert a["within"] == 2 and a["worst"] == (pytest.approx(-0.5), 2)
-    assert b["within"] == 1 and b["worst"] == (pytest.approx(-7.0), 5)
-    # Best family per split: A (-0.05), B (-0.08), A (0.0): all three within 0.1.
-    assert entry["best_family"] == ["A", "B", "A"] and entry["best_within"] == 3
-    assert entry["best_worst"] == (pytest.approx(-0.08), 2, "B")
-    table = bench.render_gap(runs)
-    assert "| yacht | 3 | -2.00 |" in table and "3/3 / -0.08 (2, B)" in table
-    assert "within 0.1 nats of the linear model: 3/3 gap splits" in table
-
-
-def test_gap_summary_refuses_runs_on_different_splits(bench: ModuleType) -> None:
-    other = _gap_run([-1.0, -2.0, -3.0])
-    other["yacht"]["gap"]["dimensions"] = [0, 1, 2]
-    with pytest.raises(ValueError, match="gap splits of yacht differ"):
-        bench.gap_summary({"A": _gap_run([-1.0, -2.0, -3.0]), "B": other})
-
-
-def test_family_columns_count_datasets_above_mean_field_and_mc_dropout(
-    bench: ModuleType,
-) -> None:
-    mean_field = {
-        "yacht": {"test_ll": [-1.11, 0.05]},
-        "wine-quality-red": {"test_ll": [-0.96, 0.01]},
-    }
-    lowrank = {"yacht": {"test_ll": [-1.00, 0.05]}, "wine-quality-red": {"test_ll": [-0.99, 0.01]}}
-    table = bench.render_families(mean_field, {"lowrank": lowrank})
-    assert "| yacht | -1.55 | -1.11 ± 0.05 | -1.00 ± 0.05 |" in table
-    assert "above mean-field: 1/9: yacht (lowrank -1.000 vs -1.110)" in table
-    # Only yacht and wine were run: wine is short of MC dropout (-0.93), yacht above (-1.55).
-    assert "at/above MC dropout: 1/9; short: boston (not run), concrete (not run)" in table
-    assert "wine (-0.99 vs -0.93)" in table
+def test_render_empirical_without_fixed_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_script(SCRIPT, "bench_uci")
+    text = bench.render_empirical({"homoscedastic": {}, "heteroscedastic": {}})
+    assert "0/9 (goal ≥ 7/9: missed by 7)" in text and "fixed prior" not in text

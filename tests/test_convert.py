@@ -393,6 +393,24 @@ def test_prior_at_weights_default_scale_and_bias_free_layer() -> None:
     assert layer.w_prior.get_buffer("loc").dtype == torch.float32
 
 
+@pytest.mark.parametrize("per_output", [False, True], ids=["per-layer", "per-output"])
+def test_a_learned_prior_stays_learned_in_every_converted_layer(per_output: bool) -> None:
+    """``prior=normal(learn_scale=True)``: every layer learns its scales, centred at 0 or, with
+    ``prior_at_weights=True`` (MOPED with an empirical-Bayes scale), at the weights."""
+    net = _mlp(width=4)
+    learned = varlin.priors.normal(0.3, learn_scale=True, per_output=per_output)
+    for at_weights in (False, True):
+        bnn = to_variational(net, prior=learned, prior_at_weights=at_weights)
+        for i, layer in zip((0, 2, 4), varlin.variational_layers(bnn), strict=True):
+            raw = layer.w_prior.get_parameter("raw_scale")
+            assert raw.shape == ((net[i].out_features,) if per_output else ())
+            torch.testing.assert_close(layer.w_prior.tensor("scale"), torch.full_like(raw, 0.3))
+            expected_loc = net[i].weight.T if at_weights else torch.zeros(())
+            assert torch.equal(layer.w_prior.get_buffer("loc"), expected_loc.to(F64))
+        names = [n for n, _ in bnn.named_parameters()]
+        assert sum(n.endswith("_prior.raw_scale") for n in names) == 6
+
+
 def test_prior_at_weights_needs_a_normal_prior() -> None:
     with pytest.raises(ValueError, match=r"prior must make a torch.distributions.Normal, got Lap"):
         to_variational(_mlp(), prior_at_weights=True, prior=varlin.priors.laplace(1.0))

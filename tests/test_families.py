@@ -307,6 +307,34 @@ def test_kl_is_torchs_kl_of_the_dense_distributions(
     torch.testing.assert_close(weighted, 0.5 * expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("per_output", [False, True], ids=["per-layer", "per-output"])
+@pytest.mark.parametrize("family", GAUSSIAN)
+def test_kl_to_a_learned_prior_and_its_gradient_are_the_dense_kls(
+    family: str, per_output: bool, float64: Any
+) -> None:
+    """Learned prior scales (empirical Bayes): the layer's KL and its gradient with respect to
+    every parameter, the priors' ``raw_scale`` included, equal autograd through torch's KL of
+    the dense distributions (to 1e-10 in float64)."""
+    learned = varlin.priors.normal(0.7, learn_scale=True, per_output=per_output)
+    layer = _layer(family, make_weights_prior=learned, make_bias_prior=learned)
+    _randomise(layer)
+    names = [name for name, _ in layer.named_parameters()]
+    assert "w_prior.raw_scale" in names and "b_prior.raw_scale" in names
+    params = [p for _, p in layer.named_parameters()]
+    kl = layer.kl_divergence()
+    mean, cov = layer.w_posterior.dense(layer._realise())
+    p_loc, p_var = _dense_prior(layer)  # differentiable in the learned scales
+    expected = kl_divergence(
+        MultivariateNormal(mean, covariance_matrix=cov), MultivariateNormal(p_loc, p_var.diag())
+    )
+    torch.testing.assert_close(kl, expected, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(kl, params)
+    want = torch.autograd.grad(expected, params)
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+    assert all(bool(g.abs().sum() > 0) for n, g in zip(names, got, strict=True) if "prior" in n)
+
+
 @pytest.mark.parametrize("family", ["lowrank", "full", "matrix_normal"])
 def test_kl_to_a_laplace_prior_is_marginals_plus_total_correlation(
     family: str, float64: Any

@@ -17,7 +17,7 @@ from torch.distributions import Distribution, Laplace, Normal, StudentT, constra
 
 import varlin
 from varlin import priors
-from varlin.kl import distribution_kl, has_closed_form, normal_kl
+from varlin.kl import distribution_kl, has_closed_form, normal_kl, normal_kl_sum, normal_kl_sums
 from varlin.priors import ScaleMixtureNormal
 
 
@@ -365,3 +365,111 @@ def test_mixture_same_family_prior_is_accepted_and_its_kl_is_unbiased(float64: t
     )
     with pytest.raises(ValueError, match="supported on the real line.*MixtureSameFamily"):
         varlin.LinearVariationalNormal(3, 2, make_weights_prior=lambda i, o: gammas)
+
+
+@pytest.mark.parametrize("prior", ["neutral", "shifted"])
+def test_normal_kl_sums_is_the_sum_of_the_groups_bit_for_bit(prior: str) -> None:
+    """One autograd node for a layer's weights and bias (issue 17): the value of adding the
+    groups' ``normal_kl_sum`` in order and the same gradients, for the default N(0, 1) prior
+    (whose no-op passes are skipped) and a shifted, rescaled one."""
+    gen = torch.Generator().manual_seed(0)
+    p_loc, p_scale = (0.0, 1.0) if prior == "neutral" else (0.3, 0.7)
+    tensors = [
+        (torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) + 0.05)
+        for shape in [(6, 5), (5,)]
+    ]
+    priors_ = [
+        (torch.tensor(p_loc), torch.tensor(p_scale)),
+        (torch.tensor(p_loc), torch.tensor(p_scale)),
+    ]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = [t.clone().requires_grad_() for pair in tensors for t in pair]
+        groups = [(leaves[0], leaves[1], *priors_[0]), (leaves[2], leaves[3], *priors_[1])]
+        if fused:
+            total = normal_kl_sums(groups)
+        else:
+            total = normal_kl_sum(*groups[0]) + normal_kl_sum(*groups[1])
+        total.backward()
+        return total.detach(), [leaf.grad for leaf in leaves]  # type: ignore[misc]
+
+    fused, fused_grads = run(True)
+    separate, separate_grads = run(False)
+    assert torch.equal(fused, separate)
+    for a, b in zip(fused_grads, separate_grads, strict=True):
+        assert torch.equal(a, b)
+    # and it is the KL: against the elementwise closed form in float64
+    exact = sum(
+        normal_kl(q.double(), s.double(), torch.tensor(p_loc, dtype=torch.float64),
+                  torch.tensor(p_scale, dtype=torch.float64)).sum()
+        for q, s in tensors
+    )  # fmt: skip
+    assert float(fused) == pytest.approx(float(exact), rel=1e-6)
+
+
+def test_normal_kl_sums_gives_a_learned_prior_its_gradient_and_needs_a_group() -> None:
+    """A prior that requires grad gets its gradient through the one node; no group: an error."""
+    q = torch.randn(4, requires_grad=True)
+    s = torch.rand(4).add_(0.1).requires_grad_()
+    p_scale = torch.tensor(1.5, requires_grad=True)
+    total = normal_kl_sums([(q, s, torch.tensor(0.0), p_scale), (q, s, torch.tensor(0.0), p_scale)])
+    total.backward()
+    assert p_scale.grad is not None and q.grad is not None
+    with pytest.raises(ValueError, match="at least one group"):
+        normal_kl_sums([])
+
+
+# -- learned priors: the fused sum's gradient reaches the prior --------------------------------
+
+
+@pytest.mark.parametrize(
+    "p_scale_shape", [(), (4,), (1, 4), (5, 1), (5, 4)], ids=lambda s: f"scale{s}"
+)
+@pytest.mark.parametrize("p_loc_shape", [(), (4,)], ids=lambda s: f"loc{s}")
+@pytest.mark.parametrize("neutral", [False, True], ids=["prior", "N(0,1)-valued"])
+def test_fused_normal_kl_sum_gives_a_learned_prior_autograds_gradient(
+    float64: torch.dtype,
+    p_scale_shape: tuple[int, ...],
+    p_loc_shape: tuple[int, ...],
+    neutral: bool,
+) -> None:
+    """The closed-form backward of ``normal_kl_sum`` against autograd through ``normal_kl``:
+    value bit for bit, the gradients of all four inputs (the prior's too) to 1e-12.
+
+    ``neutral``: a prior whose values are exactly 0 and 1 (a learned scale starting at 1), where
+    the forward skips the exact no-ops; the prior must still get its gradient.
+    """
+    g = torch.Generator().manual_seed(0)
+    q_loc = torch.randn(5, 4, generator=g).requires_grad_()
+    q_scale = (0.2 + torch.rand(5, 4, generator=g)).requires_grad_()
+    if neutral:
+        p_loc = torch.zeros(p_loc_shape).requires_grad_()
+        p_scale = torch.ones(p_scale_shape).requires_grad_()
+    else:
+        p_loc = (0.3 * torch.randn(p_loc_shape, generator=g)).requires_grad_()
+        p_scale = (0.5 + torch.rand(p_scale_shape, generator=g)).requires_grad_()
+    inputs = (q_loc, q_scale, p_loc, p_scale)
+    fused = varlin.kl.normal_kl_sum(*inputs)
+    assert type(fused.grad_fn).__name__ == "_NormalKLSumBackward"  # not the autograd fallback
+    plain = normal_kl(*inputs).sum()
+    assert torch.equal(fused, plain)
+    weight = torch.tensor(0.37)  # a non-unit upstream gradient
+    for got, want in zip(
+        torch.autograd.grad(weight * fused, inputs),
+        torch.autograd.grad(weight * plain, inputs),
+        strict=True,
+    ):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_normal_kl_sum_with_only_the_prior_learned(float64: torch.dtype) -> None:
+    """A frozen posterior (no grad) and a learned scale: only the prior gets a gradient."""
+    q_loc, q_scale = torch.randn(6, 3), 0.5 + torch.rand(6, 3)
+    p_scale = torch.tensor(0.8, requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        varlin.kl.normal_kl_sum(q_loc, q_scale, torch.tensor(0.0), p_scale), [p_scale]
+    )
+    # d/ds sum_i KL = n / s - sum_i (q_scale_i^2 + q_loc_i^2) / s^3, in closed form.
+    expected = 18 / 0.8 - (q_scale.square() + q_loc.square()).sum() / 0.8**3
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from torch.distributions import (
 
 import varlin
 from varlin import priors
+from varlin.diagnostics import diagnose
+from varlin.errors import VarlinWarning
+from varlin.functional import inverse_softplus
 from varlin.priors import Prior, ScaleMixtureNormal
 
 IN, OUT = 3, 4
@@ -540,3 +545,365 @@ def test_scale_mixture_expand_and_validation() -> None:
         ScaleMixtureNormal(1.5, 1.0, 0.1, validate_args=True)
     with pytest.raises(ValueError):
         ScaleMixtureNormal(0.5, -1.0, 0.1, validate_args=True)
+
+
+# -- learned priors (empirical Bayes) ----------------------------------------------------------
+
+
+def _learned_layer(per_output: bool = False, **kwargs: object) -> varlin.LinearVariationalNormal:
+    make = priors.normal(0.7, 0.1, learn_scale=True, per_output=per_output)
+    return varlin.LinearVariationalNormal(IN, OUT, True, make, make, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("per_output", [False, True], ids=["per-layer", "per-output"])
+@pytest.mark.parametrize("factory", [priors.normal, priors.laplace])
+def test_learned_scale_is_a_parameter_stored_unconstrained(factory, per_output: bool) -> None:  # type: ignore[no-untyped-def]
+    layer = varlin.LinearVariationalNormal(
+        IN, OUT, True, factory(0.7, 0.1, learn_scale=True, per_output=per_output)
+    )
+    prior = layer.w_prior
+    assert prior.learns_scale and not layer.b_prior.learns_scale  # type: ignore[union-attr]
+    raw = dict(layer.named_parameters())["w_prior.raw_scale"]
+    assert raw.shape == ((OUT,) if per_output else ())
+    assert "scale" not in dict(prior.named_buffers())  # the scale is no buffer ...
+    assert "w_prior.loc" in layer.state_dict()  # ... the location still is
+    torch.testing.assert_close(torch.nn.functional.softplus(raw), torch.full_like(raw, 0.7))
+    dist = layer.weight_prior()
+    assert dist.batch_shape == (IN, OUT)
+    torch.testing.assert_close(dist.scale, torch.full((IN, OUT), 0.7))
+    assert prior.family.endswith("(loc, scale)")  # the same family as a fixed prior's
+    with torch.no_grad():
+        raw.fill_(-3.0)  # any real number is a valid unconstrained value
+    assert bool((layer.weight_prior().scale > 0).all())
+    layer.double()
+    assert raw.dtype == torch.float64 == layer.weight_prior().scale.dtype
+    layer.half()
+    assert layer.state_dict()["w_prior.raw_scale"].dtype == torch.float16
+
+
+def test_learned_prior_state_round_trip_and_fixed_states_load_both_ways() -> None:
+    """Learned into learned exactly; a fixed prior's state into a learned prior (the learned
+    scale starts from the saved value) and a learned prior's into a fixed one (it takes it)."""
+    source = _learned_layer()
+    with torch.no_grad():
+        source.w_prior.raw_scale.fill_(-0.25)  # type: ignore[operator]
+    target = _learned_layer()
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.w_prior.raw_scale, source.w_prior.raw_scale)  # type: ignore[arg-type]
+    assert torch.equal(target.kl_divergence(), source.kl_divergence())
+
+    fixed = varlin.LinearVariationalNormal(IN, OUT, True, priors.normal(0.3, 0.1), priors.normal())
+    learned = _learned_layer()
+    learned.load_state_dict(fixed.state_dict())
+    torch.testing.assert_close(learned.w_prior.tensor("scale"), torch.tensor(0.3))
+    torch.testing.assert_close(learned.kl_divergence(), fixed.kl_divergence())
+    back = varlin.LinearVariationalNormal(IN, OUT, True, priors.normal(), priors.normal())
+    back.load_state_dict(source.state_dict())
+    assert not back.w_prior.learns_scale
+    torch.testing.assert_close(back.kl_divergence(), source.kl_divergence())
+    # An old state, written before the family was recorded, loads into a learned prior too.
+    old = {k: v for k, v in fixed.state_dict().items() if not k.endswith("_extra_state")}
+    _learned_layer().load_state_dict(old)
+
+
+def test_learned_prior_states_that_cannot_load_are_one_line_errors() -> None:
+    per_output = _learned_layer(per_output=True)
+    with pytest.raises(RuntimeError) as info:
+        _learned_layer().load_state_dict(per_output.state_dict())
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("cannot load w_prior: the saved learned scale has shape (4,)")
+    assert "build it with the same per_output" in message
+    varied = varlin.LinearVariationalNormal(IN, OUT, True, random_normal_prior, priors.normal())
+    with pytest.raises(RuntimeError, match=r"^cannot load w_prior: the saved fixed scale \(shape "
+                       r"\(3, 4\)\) is not one value across the weights"):  # fmt: skip
+        _learned_layer().load_state_dict(varied.state_dict())
+
+
+def _mixture_factory(in_: int, out_: int) -> Distribution:
+    return ScaleMixtureNormal(0.5, 1.0, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("factory", "family"),
+    [
+        (priors.learned(priors.scale_mixture()), r"ScaleMixtureNormal\(mixing, scale1, scale2\)"),
+        (priors.learned(_mixture_factory), r"ScaleMixtureNormal\(mixing, scale1, scale2\)"),
+        (priors.learned(lambda i, o: LogNormal(0.0, 1.0)), r"LogNormal\(base_dist__loc, "),
+    ],
+    ids=["scale-mixture", "user-mixture", "nested-scale"],
+)
+def test_a_learned_prior_on_a_family_without_a_scale_is_a_one_line_error(
+    factory: object, family: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        varlin.LinearVariationalNormal(IN, OUT, make_weights_prior=factory)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "make_weights_prior: a learned prior scale (learn_scale) needs a prior family with a "
+        "'scale' parameter, and "
+    )
+    assert re.search(family, message)
+
+
+def test_learned_prior_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"^per_output=True needs learn_scale=True"):
+        priors.normal(per_output=True)
+    with pytest.raises(TypeError, match=r"^learn_scale must be True or False, got 'yes'"):
+        priors.laplace(learn_scale="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^factory must be a prior factory"):
+        priors.learned(0.5)
+    rule = r"^make_bias_prior: a learned prior scale is one per layer, so the starting Normal"
+    with pytest.raises(ValueError, match=rule):
+        varlin.LinearVariationalNormal(IN, OUT, make_bias_prior=priors.learned(random_bias_prior))
+    # per output: a scale varying over the output units is a valid start
+    layer = varlin.LinearVariationalNormal(
+        IN, OUT, make_bias_prior=priors.learned(random_bias_prior, per_output=True)
+    )
+    assert layer.b_prior is not None and layer.b_prior.get_parameter("raw_scale").shape == (OUT,)
+
+
+def test_learned_factories_pickle_and_say_what_they_learn() -> None:
+    import pickle
+
+    for factory, text in [
+        (priors.normal(0.5, learn_scale=True), "Normal(loc=0, scale=0.5, learn_scale=True)"),
+        (
+            priors.learned(priors.laplace(2.0), per_output=True),
+            "Laplace(loc=0, scale=2, learn_scale=True, per_output=True)",
+        ),
+        (priors.learned(seed_weight_prior), "learned(<function seed_weight_prior"),
+    ]:
+        assert repr(factory).startswith(text)
+        assert repr(pickle.loads(pickle.dumps(factory))) == repr(factory)
+    layer = _learned_layer(per_output=True)
+    assert "scale=(4,) learned" in repr(layer.w_prior)
+    assert [name for name, _ in priors.learned_priors(layer)] == ["w_prior", "b_prior"]
+
+
+@pytest.mark.parametrize("per_output", [False, True], ids=["per-layer", "per-output"])
+def test_for_a_fixed_posterior_the_learned_scale_is_best_at_the_mean_square(
+    per_output: bool, float64: torch.dtype
+) -> None:
+    r"""For fixed q the KL to :math:`\mathcal N(m, s^2)` is smallest at
+    :math:`s^2 = \operatorname{mean}((\mu - m)^2 + \sigma^2)` over the weights ``s`` covers:
+    the gradient reaching the prior is 0 there (to rounding) and points towards it elsewhere."""
+    layer = _learned_layer(per_output=per_output)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.w_posterior.loc.copy_(torch.randn(IN, OUT, generator=g))
+        layer.w_posterior.raw_scale.copy_(torch.randn(IN, OUT, generator=g))
+    mu, sigma = layer.w_loc.detach(), layer.w_scale.detach()
+    second = ((mu - 0.1).square() + sigma.square()).mean(0 if per_output else None)
+    best = second.sqrt()
+    raw = layer.w_prior.get_parameter("raw_scale")
+    for factor, sign in [(1.0, 0.0), (1.2, 1.0), (1 / 1.2, -1.0)]:
+        with torch.no_grad():
+            raw.copy_(varlin.functional.inverse_softplus(best * factor))
+        (grad,) = torch.autograd.grad(layer.kl_divergence(), [raw])
+        if sign == 0.0:
+            torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-12)
+        else:
+            assert bool((torch.sign(grad) == sign).all())
+
+
+def _conjugate_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)
+    y = x @ torch.tensor([0.8, -0.5, 0.3, 0.0]) + 0.4 * torch.randn(40, generator=g)
+    return x, y
+
+
+def _maximise_exact_elbo(
+    posterior: str, x: torch.Tensor, y: torch.Tensor, **prior: bool
+) -> tuple[varlin.VariationalLinear, varlin.likelihoods.Gaussian]:
+    """Maximise the exact ELBO (closed-form expected log-likelihood from ``output_moments``)
+    over q, the learned prior scale and the noise, full batch, by L-BFGS: no Monte Carlo noise,
+    so the optimum is reached to the optimiser's precision."""
+    out = 1 if y.dim() == 1 else y.shape[1]
+    layer = varlin.VariationalLinear(
+        x.shape[1], out, bias=False, posterior=posterior, init_scale=0.1,  # type: ignore[arg-type]
+        make_weights_prior=priors.normal(1.0, learn_scale=True, **prior),
+    )  # fmt: skip
+    likelihood = varlin.likelihoods.Gaussian(1.0, learn_noise=True)
+    elbo = varlin.ELBO(likelihood, num_data=len(x))
+    optimizer = torch.optim.LBFGS(
+        [*layer.parameters(), *likelihood.parameters()], lr=1, max_iter=2000, history_size=50,
+        tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = elbo(layer.output_moments(x), y, layer.kl_divergence())
+        loss.backward()
+        return loss
+
+    for _ in range(5):  # L-BFGS restarts: its stopping rule can fire early on a flat stretch
+        optimizer.step(closure)  # type: ignore[arg-type]
+    return layer, likelihood
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_learned_prior_scale_reaches_the_evidence_maximum_with_a_full_posterior(
+    float64: torch.dtype,
+) -> None:
+    r"""With a family that holds the exact posterior, the ELBO's maximum over (q, prior scale,
+    noise) is the exact posterior at the type-II maximum-likelihood prior and noise: the
+    ELBO equals the evidence there, and any other (prior, noise) has a lower evidence.
+
+    Reference: ``BayesianLinearRegression(optimize=True)`` (MacKay's updates) with flat
+    hyper-priors (``(0, 0)``, so it maximises the evidence itself) and no intercept (the layer
+    has no bias: the same model, the same objective).
+    """
+    x, y = _conjugate_problem()
+    layer, likelihood = _maximise_exact_elbo("full", x, y)
+    exact = varlin.BayesianLinearRegression(
+        optimize=True, tol=1e-14, max_iter=100_000,
+        noise_precision_prior=(0, 0), weight_precision_prior=(0, 0),
+    ).fit(x, y)  # fmt: skip
+    assert exact.converged
+    scale = layer.w_prior.tensor("scale").detach()
+    torch.testing.assert_close(scale, exact.prior_precision.rsqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        likelihood.noise_scale.detach(), exact.noise_precision.rsqrt(), rtol=1e-6, atol=0
+    )
+    mean, cov = layer.w_posterior.dense(layer._realise())
+    torch.testing.assert_close(mean.detach(), exact.mean, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(cov.detach(), exact.covariance, rtol=1e-5, atol=1e-8)
+    elbo = varlin.ELBO(likelihood, num_data=len(x))
+    loss = elbo(layer.output_moments(x), y, layer.kl_divergence()).detach()
+    torch.testing.assert_close(-loss * len(x), exact.log_evidence(), rtol=1e-9, atol=0)
+
+
+def _mean_field_optimum(
+    x: torch.Tensor, y: torch.Tensor, per_output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The optimum of the exact mean-field ELBO over (q, prior scales, noise), by coordinate
+    ascent: q given the scales is ``mean_field_optimum()`` (per output column); the scales
+    given q are :math:`s^2 = \operatorname{mean}(\mu^2 + v)` (per column with ``per_output``)
+    and :math:`\sigma^2 = (\lVert y - X\mu\rVert^2 + \sum_i (X^\top X)_{ii} v_i) / n`."""
+    y2 = y if y.dim() == 2 else y.unsqueeze(-1)
+    k = y2.shape[1]
+    scale, noise = torch.ones(k if per_output else 1), torch.tensor(1.0)
+    for _ in range(10_000):
+        mus, variances = [], []
+        for j in range(k):
+            s = scale[j] if per_output else scale[0]
+            blr = varlin.BayesianLinearRegression(float(s), float(noise)).fit(x, y2[:, j])
+            q = blr.mean_field_optimum()
+            mus.append(q.loc)
+            variances.append(q.scale.square())
+        mu, v = torch.stack(mus, -1), torch.stack(variances, -1)  # (d, k)
+        second = mu.square() + v
+        new_scale = (second.mean(0) if per_output else second.mean().reshape(1)).sqrt()
+        sse = (y2 - x @ mu).square().sum() + (x.square().sum(0)[:, None] * v).sum()
+        new_noise = (sse / y2.numel()).sqrt()
+        done = (new_scale - scale).abs().max() < 1e-15 and (new_noise - noise).abs() < 1e-15
+        scale, noise = new_scale, new_noise
+        if done:
+            break
+    return scale, noise
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("per_output", [False, True], ids=["per-layer", "per-output"])
+def test_a_learned_prior_scale_reaches_the_mean_field_optimum(
+    per_output: bool, float64: torch.dtype
+) -> None:
+    """Mean-field: the learned scale(s) and noise are the maximiser of the exact mean-field ELBO
+    (a second route: coordinate ascent on closed forms), not the evidence maximiser, which this
+    family cannot reach (they differ by ~1e-3 here, well above the tolerance)."""
+    x, y = _conjugate_problem()
+    if per_output:  # two outputs on their own scales: one prior scale each
+        y = torch.stack([y, 3 * x[:, 1] - 0.2 * x[:, 3] + 0.4 * torch.randn(40)], -1)
+    layer, likelihood = _maximise_exact_elbo("meanfield", x, y, per_output=per_output)
+    scale, noise = _mean_field_optimum(x, y, per_output)
+    learned = layer.w_prior.tensor("scale").detach().reshape(-1)
+    torch.testing.assert_close(learned, scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(likelihood.noise_scale.detach(), noise, rtol=1e-6, atol=0)
+    if not per_output:
+        exact = varlin.BayesianLinearRegression(
+            optimize=True, tol=1e-14, max_iter=100_000,
+            noise_precision_prior=(0, 0), weight_precision_prior=(0, 0),
+        ).fit(x, y)  # fmt: skip
+        assert abs(float(learned / exact.prior_precision.rsqrt()) - 1) > 1e-4
+
+
+# -- learned scales in fit's history and diagnostics ------------------------------------------
+def _regression(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g)
+    return x, x @ torch.tensor([1.0, -0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
+
+
+def _learned_net(per_output: bool = False) -> torch.nn.Sequential:
+    prior = priors.normal(2.0, learn_scale=True, per_output=per_output)
+    return torch.nn.Sequential(
+        varlin.VariationalLinear(3, 8, make_weights_prior=prior, make_bias_prior=prior),
+        torch.nn.ReLU(),
+        varlin.VariationalLinear(8, 1, make_weights_prior=priors.normal(1.0)),
+    )
+
+
+def test_learned_scales_names_every_learned_prior_and_averages_per_output() -> None:
+    net = _learned_net(per_output=True)
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.copy_(inverse_softplus(torch.arange(1.0, 9.0)))
+    scales = priors.learned_scales(net)
+    assert list(scales) == ["0.w_prior", "0.b_prior"]  # the fixed prior of layer 2 is not one
+    assert scales["0.w_prior"] == pytest.approx(4.5, rel=1e-6)  # mean of 1..8
+    assert scales["0.b_prior"] == pytest.approx(2.0, rel=1e-6)
+    assert priors.learned_scales(varlin.VariationalLinear(3, 1)) == {}
+
+
+def test_fit_records_the_learned_prior_scales_every_epoch() -> None:
+    x, y = _regression()
+    torch.manual_seed(0)
+    net = _learned_net()
+    lik = varlin.likelihoods.Gaussian(0.5, learn_noise=True)
+    history = varlin.fit(
+        net, x, y, likelihood=lik, epochs=5, batch_size=16, lr=5e-2, progress=False
+    )
+    column = history["prior_scale.0.w_prior"]
+    assert len(column) == 5 and len(history["prior_scale.0.b_prior"]) == 5
+    # The record is the scale after the epoch: the last one is the model's final scale, and it
+    # moved from where it started (2.0): the KL's gradient reached the prior.
+    assert column[-1] == priors.learned_scales(net)["0.w_prior"]
+    assert abs(column[0] - 2.0) > 1e-3 and column[0] != column[-1]
+    # A model with fixed priors has no such column.
+    fixed = varlin.fit(
+        torch.nn.Sequential(varlin.VariationalLinear(3, 1)), x, y,
+        likelihood=varlin.likelihoods.Gaussian(0.5), epochs=1, progress=False,
+    )  # fmt: skip
+    assert not any(key.startswith("prior_scale.") for key in fixed.records[0])
+
+
+def test_fit_ensemble_records_each_models_own_learned_scales() -> None:
+    x, y = _regression()
+    torch.manual_seed(0)
+    nets = [_learned_net(), _learned_net()]
+    liks = [varlin.likelihoods.Gaussian(0.5, learn_noise=True) for _ in nets]
+    ys = [y, 3 * y]  # different targets: different evidence, different scales
+    histories = varlin.fit_ensemble(
+        nets, [x, x], ys, likelihoods=liks, epochs=4, batch_size=16, lr=5e-2, progress=False,
+        seeds=[0, 1],
+    )  # fmt: skip
+    finals = [h["prior_scale.0.w_prior"][-1] for h in histories]
+    assert finals == [priors.learned_scales(net)["0.w_prior"] for net in nets]
+    assert finals[0] != finals[1]
+
+
+def test_a_collapsed_learned_prior_scale_is_diagnosed() -> None:
+    x, y = _regression()
+    net = _learned_net()
+    history = varlin.History(records=[{"epoch": 0.0, "nll": 1.0, "kl_term": 0.0}])
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.fill_(-30.0)  # softplus(-30) ~ 1e-13
+    with pytest.warns(VarlinWarning, match=r"learned prior scale 0\.w_prior collapsed"):
+        diagnose(net, history, None, 0, None)
+    with torch.no_grad():
+        net[0].w_prior.raw_scale.fill_(0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VarlinWarning)
+        diagnose(net, history, None, 0, None)  # a healthy scale: nothing to say

@@ -15,13 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.distributions import Normal
 
+from varlin import priors
 from varlin.cli import main
 from varlin.data import load_uci
+from varlin.likelihoods import Likelihood
 from varlin.predictive import RegressionPrediction
 from varlin.training import VarlinWarning, fit
 from varlin.uci import (
+    SplitArrays,
+    UCIConfig,
     build_likelihood,
     build_model,
     config_for,
@@ -186,31 +191,41 @@ def test_stacked_training_matches_varlin_fit_split_by_split(tmp_path: Path) -> N
     config = config_for(ds, epochs=4, batch_size=n, init_scale=1e-8, lr=1e-2)
     for likelihood in ("homoscedastic", "heteroscedastic"):
         cfg = dataclasses.replace(config, likelihood=likelihood)
-        stacked = train_stacked(splits, cfg)
-        for split, (model, lik) in zip(splits, stacked, strict=True):
-            torch.manual_seed(cfg.seed * 1000 + split.index)
-            ref_model, ref_lik = build_model(3, cfg), build_likelihood(cfg)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", VarlinWarning)  # 4 steps prove nothing
-                fit(
-                    ref_model,
-                    torch.as_tensor(split.X_train, dtype=torch.float32),
-                    torch.as_tensor(split.y_train, dtype=torch.float32),
-                    likelihood=ref_lik,
-                    epochs=cfg.epochs,
-                    batch_size=n,
-                    optimizer=lambda p: torch.optim.Adam(p, lr=config.lr, fused=True),
-                    progress=False,
-                )
-            got = dict(model.named_parameters()) | dict(lik.named_parameters())
-            want = dict(ref_model.named_parameters()) | dict(ref_lik.named_parameters())
-            assert got.keys() == want.keys()
-            for name, value in want.items():
-                torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        for split, (model, _) in _stacked_and_fitted(splits, cfg):
             # ... and they moved: the comparison is not between two untrained models.
             torch.manual_seed(cfg.seed * 1000 + split.index)
             fresh = build_model(3, cfg)
             assert not torch.allclose(fresh[0].w_posterior.loc, model[0].w_posterior.loc)
+
+
+def _stacked_and_fitted(
+    splits: list[SplitArrays], cfg: UCIConfig
+) -> list[tuple[SplitArrays, tuple[nn.Module, Likelihood]]]:
+    """Train ``splits`` with train_stacked, check every parameter of each split's model and
+    likelihood against varlin.fit on that split alone, and return the stacked route's."""
+    n = splits[0].X_train.shape[0]
+    stacked = train_stacked(splits, cfg)
+    for split, (model, lik) in zip(splits, stacked, strict=True):
+        torch.manual_seed(cfg.seed * 1000 + split.index)
+        ref_model, ref_lik = build_model(3, cfg), build_likelihood(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VarlinWarning)  # 4 steps prove nothing
+            fit(
+                ref_model,
+                torch.as_tensor(split.X_train, dtype=torch.float32),
+                torch.as_tensor(split.y_train, dtype=torch.float32),
+                likelihood=ref_lik,
+                epochs=cfg.epochs,
+                batch_size=n,
+                optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr, fused=True),
+                progress=False,
+            )
+        got = dict(model.named_parameters()) | dict(lik.named_parameters())
+        want = dict(ref_model.named_parameters()) | dict(ref_lik.named_parameters())
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    return list(zip(splits, stacked, strict=True))
 
 
 @pytest.mark.parametrize(("workers", "trainer"), [("2", "stacked"), ("1", "fit")])
@@ -318,6 +333,51 @@ def test_each_split_keeps_its_own_training_diagnostics(tmp_path: Path) -> None:
     for notes in kinds["stacked"]:
         assert "posterior scales collapsed towards 0" in notes, notes
         assert not any(note.startswith("model ") for note in notes)
+
+
+def test_empirical_prior_stacked_training_matches_varlin_fit(tmp_path: Path) -> None:
+    """``prior="empirical"``: every layer's weight and bias prior scale is a parameter, and the
+    stacked route (fit_ensemble, the tensors swapped by functional_call under vmap) trains it
+    exactly as ``varlin.fit`` does on each split alone; the scales moved off their start."""
+    write_tiny_uci(tmp_path)
+    ds = load_uci("tiny", data_dir=tmp_path)
+    splits = [prepare_split(ds, i) for i in range(2)]
+    n = splits[0].X_train.shape[0]
+    config = config_for(ds, epochs=4, batch_size=n, init_scale=1e-8, lr=5e-2, prior="empirical")
+    for likelihood in ("homoscedastic", "heteroscedastic"):
+        cfg = dataclasses.replace(config, likelihood=likelihood)
+        for _, (model, _) in _stacked_and_fitted(splits, cfg):
+            raw = [name for name, _ in model.named_parameters() if name.endswith("prior.raw_scale")]
+            assert raw == ["0.w_prior.raw_scale", "0.b_prior.raw_scale"] + [
+                "2.w_prior.raw_scale", "2.b_prior.raw_scale"
+            ]  # fmt: skip
+            scales = priors.learned_scales(model)
+            assert all(abs(s - cfg.prior_scale) > 1e-3 for s in scales.values()), scales
+
+
+def test_uci_prior_empirical_records_the_learned_scales(tmp_path: Path) -> None:
+    write_tiny_uci(tmp_path / "data", splits=2)
+    out = tmp_path / "results.json"
+    argv = ["uci", "--dataset", "tiny", "--data-dir", str(tmp_path / "data"), "--epochs", "3"]
+    argv += ["--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VarlinWarning)
+        assert main([*argv, "--prior", "empirical", "--out", str(out)]) == 0
+        assert main([*argv, "--prior", "fixed", "--out", str(tmp_path / "f.json")]) == 0
+    entry = json.loads(out.read_text())["tiny"]
+    assert entry["config"]["prior"] == "empirical"
+    scales = entry["per_split"]["prior_scales"]
+    assert len(scales) == 2
+    assert set(scales[0]) == {"0.w_prior", "0.b_prior", "2.w_prior", "2.b_prior"}
+    assert all(0 < s and math.isfinite(s) for split in scales for s in split.values())
+    fixed = json.loads((tmp_path / "f.json").read_text())["tiny"]
+    assert fixed["config"]["prior"] == "fixed" and "prior_scales" not in fixed["per_split"]
+
+
+def test_uci_prior_must_be_fixed_or_empirical(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["uci", "--dataset", "tiny", "--prior", "learned"])
+    assert "--prior: invalid choice: 'learned'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("covariance", ["diagonal", "full"])

@@ -58,6 +58,7 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, MultivariateNormal, Normal
@@ -262,39 +263,69 @@ class BayesianLinearRegression:
         :math:`\lVert m\rVert^2 = \lVert z\rVert^2` and the residual splits into two sums of
         squares, :math:`\lVert y - Xm\rVert^2 = \lVert y - Uc\rVert^2 + \sum_i
         \big(c_i\,(\lambda/\alpha) / (s_i^2 + \lambda/\alpha)\big)^2`: after one SVD, each
-        iteration costs O(d k), not O(n d k), and nothing cancels.
+        iteration costs O(d k), not O(n d k), and nothing cancels. The iterations run in float64
+        NumPy, one output at a time (:meth:`_fixed_point`), whatever the data's dtype and
+        device: a dozen operations on vectors of length ``r``, where the fixed cost of a tensor
+        operation would be most of the fit.
         """
         n = X.shape[0]
+        u, s_t, vh_t = torch.linalg.svd(X, full_matrices=False)
+        c_t = u.T @ Y  # (r, k)
+        outside_t = (Y - u @ c_t).square().sum(0)  # the part of y no weight can fit
+
+        def host(t: Tensor) -> np.ndarray:  # a copy: a float64 CPU tensor would share memory
+            return t.detach().to("cpu", torch.float64).numpy().copy()
+
+        s, v, c, outside = host(s_t), host(vh_t).T.copy(), host(c_t), host(outside_t)
+        alpha_np, lam1 = host(alpha), host(lam[:, 0])
+        steps, converged = [], []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for j in range(c.shape[1]):  # each output is its own fit
+                alpha_np[j], lam1[j], step, done = self._fixed_point(
+                    s, v, c[:, j], outside[j], alpha_np[j], lam1[j], n
+                )
+                steps.append(step)
+                converged.append(done)
+        self.n_iter = max(steps)
+        self.converged = all(converged)
+        alpha = torch.as_tensor(alpha_np).to(alpha)
+        lam1_t = torch.as_tensor(lam1).to(lam)
+        self._check_finite_precisions(alpha, lam1_t)
+        return alpha, lam1_t[:, None].expand_as(lam).clone()
+
+    def _fixed_point(
+        self,
+        s: np.ndarray,
+        v: np.ndarray,
+        c: np.ndarray,
+        outside: np.floating[Any],
+        alpha: np.floating[Any],
+        lam: np.floating[Any],
+        n: int,
+    ) -> tuple[np.floating[Any], np.floating[Any], int, bool]:
+        """MacKay's updates for one output: ``(alpha, lambda, iterations, converged)``.
+
+        ``s`` (r,), ``v`` (d, r) and ``c`` (r,) in float64; the precisions are NumPy scalars
+        (a division by 0 gives inf, caught by the caller, not an exception).
+        """
         (a_noise, b_noise), (a_w, b_w) = self.noise_precision_prior, self.weight_precision_prior
-        u, s, vh = torch.linalg.svd(X, full_matrices=False)
-        s = s[:, None]  # (r, 1)
-        eig = s * s
-        c = u.T @ Y  # (r, k)
-        outside = (Y - u @ c).square().sum(0)  # the part of y no weight can fit
-        lam1 = lam[:, 0]
-        active = torch.ones_like(alpha, dtype=torch.bool)
-        previous: Tensor | None = None
+        eig, sc = s * s, s * c
+        previous: np.ndarray | None = None
         for step in range(self.max_iter):
-            ratio = lam1 / alpha
-            denom = eig + ratio
-            z = s * c / denom
-            coef = vh.T @ z  # (d, k): the convergence test is on the posterior mean itself
-            sse = outside + (c * ratio / denom).square().sum(0)
-            gamma = (eig / denom).sum(0)
-            new_lam = (gamma + 2 * a_w) / (z.square().sum(0) + 2 * b_w)
-            new_alpha = (n - gamma + 2 * a_noise) / (sse + 2 * b_noise)
-            # An output that has converged keeps its precisions (each output is its own fit).
-            lam1 = torch.where(active, new_lam, lam1)
-            alpha = torch.where(active, new_alpha, alpha)
-            if previous is not None:
-                active = active & ((coef - previous).abs().sum(0) >= self.tol)
+            ratio = lam / alpha
+            inverse = 1.0 / (eig + ratio)
+            z = sc * inverse
+            coef = v @ z  # the convergence test is on the posterior mean itself
+            fitted = c * inverse
+            sse = outside + ratio * ratio * (fitted @ fitted)
+            gamma = eig @ inverse
+            lam = (gamma + 2 * a_w) / (z @ z + 2 * b_w)
+            alpha = (n - gamma + 2 * a_noise) / (sse + 2 * b_noise)
+            # "not >=": a NaN step stops too (the caller then refuses non-finite precisions).
+            if previous is not None and not np.abs(coef - previous).sum() >= self.tol:
+                return alpha, lam, step + 1, True
             previous = coef
-            self.n_iter = step + 1
-            if not bool(active.any()):
-                break
-        self.converged = not bool(active.any())
-        self._check_finite_precisions(alpha, lam1)
-        return alpha, lam1[:, None].expand_as(lam).clone()
+        return alpha, lam, self.max_iter, False
 
     def _maximise_evidence_ard(
         self, X: Tensor, Y: Tensor, alpha: Tensor, lam: Tensor, keep: Tensor

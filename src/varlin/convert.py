@@ -279,7 +279,7 @@ def _prior_scale(prior: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:
             f"from prior, so prior must make a torch.distributions.Normal, got "
             f"{built.distribution_type.__name__}"
         )
-    return built.get_buffer("scale").to(device=like.device, dtype=like.dtype)
+    return built.tensor("scale").detach().to(device=like.device, dtype=like.dtype)
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
@@ -333,6 +333,10 @@ def _variational_from(
         make_w = _NormalAt(loc_w, _prior_scale(prior, tuple(loc_w.shape), loc_w))
         if loc_b is not None:
             make_b = _NormalAt(loc_b, _prior_scale(prior, tuple(loc_b.shape), loc_b))
+        learn = _priors.learn_mode(prior)
+        if learn:  # empirical Bayes around the weights: the scale stays learned
+            make_w = _priors.learned(make_w, per_output=learn == "output")
+            make_b = make_b and _priors.learned(make_b, per_output=learn == "output")
     device, dtype = loc_w.device, loc_w.dtype
     cls = next(v for k, v in CONVERTIBLE.items() if isinstance(module, k))
     # The constructor's nn.Linear-style random init is overwritten below; fork the RNG so that

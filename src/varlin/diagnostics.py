@@ -2,7 +2,8 @@ r"""Training diagnostics: warnings about fits that ran but look wrong.
 
 :func:`diagnose` reads a finished fit (its history, the posterior scales before and after, the
 first step's NLL) and warns with a :class:`~varlin.errors.VarlinWarning` when the posterior
-scales never moved, collapsed to a point estimate, or the KL term held the data fit back.
+scales never moved, collapsed to a point estimate, the KL term held the data fit back, or a
+learned prior scale (empirical Bayes) collapsed towards 0.
 :class:`Diagnostics` is the part of :func:`varlin.fit`'s loop that collects what it needs.
 """
 
@@ -19,6 +20,7 @@ from .checkpoints import from_checkpoint, per_model
 from .errors import VarlinWarning
 from .history import History
 from .layers import variational_layers
+from .priors import learned_scales
 
 __all__ = [
     "COLLAPSE_SCALE",
@@ -65,6 +67,10 @@ def diagnose(
       scales have not moved (with fewer steps, not even this): it says nothing about its
       objective.
     - *Scales collapsed*: the median weight scale is below :data:`COLLAPSE_SCALE`.
+    - *A learned prior scale collapsed*: a prior scale learned by the ELBO (empirical Bayes)
+      ended below :data:`COLLAPSE_SCALE`. Type-II maximum likelihood can switch a layer off
+      this way: prior and posterior shrink together to 0 and the layer's weights stop carrying
+      anything. Diagnosed whether or not the posterior scales moved.
     - *The KL dominates*: the scales moved, yet the data fit did not improve over the run,
       :math:`\text{nll}_{\text{start}} - \text{nll}_{\text{end}} <` :data:`NO_GAIN`
       :math:`\cdot\max(1, |\text{nll}_{\text{start}}|)` (the start is the first step's NLL,
@@ -85,6 +91,15 @@ def diagnose(
         stacklevel: as for :func:`warnings.warn`, counted from this function.
     """
     last = history.records[-1]
+    for name, value in learned_scales(model).items():
+        if value < COLLAPSE_SCALE:
+            warnings.warn(
+                f"{prefix}the learned prior scale {name} collapsed towards 0 ({value:.3g}): the "
+                "evidence switched the layer off; fix the scale (learn_scale=False) if the "
+                "layer is needed",
+                VarlinWarning,
+                stacklevel=stacklevel,
+            )
     scales = posterior_scales(model)
     if scales is not None and initial_scales is not None and scales.numel() > 0:
         moved = float(((scales - initial_scales).abs() / initial_scales).max())

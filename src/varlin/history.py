@@ -14,8 +14,10 @@ class History:
 
     Attributes:
         records: one dict per epoch with ``epoch``, ``loss``, ``nll``, ``kl``, ``kl_term``,
-            ``beta``, ``lr``, ``seconds`` and, with validation data, ``val_nll`` (and ``val_rmse``
-            or ``val_accuracy``).
+            ``beta``, ``lr``, ``seconds``, with validation data ``val_nll`` (and ``val_rmse``
+            or ``val_accuracy``), and for every learned prior scale (empirical Bayes)
+            ``prior_scale.<name>``, its value at the end of the epoch
+            (:func:`varlin.priors.learned_scales`).
         best_epoch: the epoch whose state the model holds at the end (early stopping), or the
             last epoch.
         stopped_early: whether early stopping ended the run before its last epoch (patience

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "entropy_kl",
     "normal_kl",
     "normal_kl_sum",
+    "normal_kl_sums",
     "has_closed_form",
 ]
 
@@ -79,8 +81,71 @@ def _neutral_prior(p_loc: Tensor, p_scale: Tensor) -> tuple[bool, bool]:
     return float(p_loc) == 0.0, float(p_scale) == 1.0
 
 
+def _kl_sum_value(
+    q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor, neutral: tuple[bool, bool]
+) -> Tensor:
+    """``normal_kl(...).sum()`` with the same operations, in the same order, done in place: the
+    value is bit-identical (0.5 * sum == sum of halves, exactly; the skipped "- 0", "/ 1" and
+    "- log 1" are exact no-ops)."""
+    loc_zero, scale_one = neutral
+    log_ratio = torch.log(q_scale)
+    if not scale_one:
+        log_ratio.sub_(torch.log(p_scale))
+    spread = torch.mul(log_ratio, 2).expm1_().sub_(log_ratio, alpha=2).clamp_min_(0)
+    shift = None if loc_zero else torch.sub(q_loc, p_loc)
+    if not scale_one:
+        shift = torch.div(q_loc, p_scale) if shift is None else shift.div_(p_scale)
+    shift = torch.mul(q_loc, q_loc) if shift is None else shift.mul_(shift)
+    return spread.add_(shift).sum() * 0.5
+
+
+def _kl_sum_grads(
+    grad: Tensor,
+    q_loc: Tensor,
+    q_scale: Tensor,
+    p_loc: Tensor,
+    p_scale: Tensor,
+    neutral: tuple[bool, bool],
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The closed-form gradients of :func:`_kl_sum_value` for ``q_loc``, ``q_scale`` and, for a
+    learned prior (its tensors require grad), ``p_loc`` and ``p_scale``."""
+    loc_zero, scale_one = neutral
+    need_q_loc, need_q_scale, need_p_loc, need_p_scale = needs
+    coef = grad if scale_one else grad / p_scale.square()
+    grad_loc = grad_scale = grad_p_loc = grad_p_scale = None
+    diff = None
+    if need_q_loc or need_p_loc or need_p_scale:
+        diff = q_loc if loc_zero else torch.sub(q_loc, p_loc)
+    if need_p_scale:
+        assert diff is not None
+        # Before grad_loc reuses diff's memory. n weights per prior entry (broadcast).
+        n = q_loc.numel() // p_scale.numel()
+        spread = _sum_squares_to(q_scale, p_scale.shape)
+        spread = spread + _sum_squares_to(diff, p_scale.shape)
+        grad_p_scale = (n - spread / p_scale.square()) / p_scale * grad
+    if need_q_loc or need_p_loc:
+        assert diff is not None
+        grad_loc = torch.mul(diff, coef) if diff is q_loc else diff.mul_(coef)
+        if need_p_loc:
+            grad_p_loc = grad_loc.sum_to_size(p_loc.shape).neg()
+        if not need_q_loc:
+            grad_loc = None
+    if need_q_scale:
+        grad_scale = torch.div(grad.neg(), q_scale).addcmul_(q_scale, coef)
+    return grad_loc, grad_scale, grad_p_loc, grad_p_scale
+
+
+def _sum_squares_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.square().sum_to_size(shape)``; a dot product (no temporary) for a one-entry shape."""
+    if shape.numel() == 1:
+        flat = t.reshape(-1)
+        return torch.dot(flat, flat).reshape(shape)
+    return t.square().sum_to_size(shape)
+
+
 class _NormalKLSum(torch.autograd.Function):
-    r"""``normal_kl(...).sum()`` with a hand-written backward (the prior gets no gradient).
+    r"""``normal_kl(...).sum()`` with a hand-written backward.
 
     Autograd through :func:`normal_kl` records a dozen weight-sized temporaries and replays as
     many elementwise passes backwards; the gradient is known in closed form and elementwise,
@@ -89,7 +154,17 @@ class _NormalKLSum(torch.autograd.Function):
         \partial_{\mu_q} = \frac{\mu_q-\mu_p}{\sigma_p^2}, \qquad
         \partial_{\sigma_q} = \frac{\sigma_q}{\sigma_p^2} - \frac{1}{\sigma_q},
 
-    so the backward is two passes per input and nothing is saved but the inputs.
+    so the backward is two passes per input and nothing is saved but the inputs. A prior that
+    is learned (empirical Bayes: its tensors require grad) gets its gradient too, summed over
+    the weights each of its entries covers (:math:`n` of them):
+
+    .. math::
+        \partial_{\mu_p} = -\sum \frac{\mu_q-\mu_p}{\sigma_p^2}, \qquad
+        \partial_{\sigma_p} = \frac{n}{\sigma_p}
+        - \frac{\sum\big(\sigma_q^2 + (\mu_q-\mu_p)^2\big)}{\sigma_p^3},
+
+    two sums of squares (one dot product each for a scalar prior) on top of the posterior's
+    passes.
     """
 
     @staticmethod
@@ -101,34 +176,45 @@ class _NormalKLSum(torch.autograd.Function):
         p_scale: Tensor,
     ) -> Tensor:
         ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
-        ctx.neutral = loc_zero, scale_one = _neutral_prior(p_loc, p_scale)
-        # The same operations, in the same order, as normal_kl, done in place: the value is
-        # bit-identical to normal_kl(...).sum() (0.5 * sum == sum of halves, exactly; the
-        # skipped "- 0", "/ 1" and "- log 1" are exact no-ops).
-        log_ratio = torch.log(q_scale)
-        if not scale_one:
-            log_ratio.sub_(torch.log(p_scale))
-        spread = torch.mul(log_ratio, 2).expm1_().sub_(log_ratio, alpha=2).clamp_min_(0)
-        shift = None if loc_zero else torch.sub(q_loc, p_loc)
-        if not scale_one:
-            shift = torch.div(q_loc, p_scale) if shift is None else shift.div_(p_scale)
-        shift = torch.mul(q_loc, q_loc) if shift is None else shift.mul_(shift)
-        return spread.add_(shift).sum() * 0.5
+        ctx.neutral = _neutral_prior(p_loc, p_scale)
+        return _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.neutral)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q_loc, q_scale, p_loc, p_scale = ctx.saved_tensors
-        loc_zero, scale_one = ctx.neutral
-        coef = grad if scale_one else grad / p_scale.square()
-        grad_loc = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            if loc_zero:
-                grad_loc = torch.mul(q_loc, coef)
-            else:
-                grad_loc = torch.sub(q_loc, p_loc).mul_(coef)
-        if ctx.needs_input_grad[1]:
-            grad_scale = torch.div(grad.neg(), q_scale).addcmul_(q_scale, coef)
-        return grad_loc, grad_scale, None, None
+        return _kl_sum_grads(
+            grad, q_loc, q_scale, p_loc, p_scale, ctx.neutral, tuple(ctx.needs_input_grad)
+        )
+
+
+class _NormalKLSums(torch.autograd.Function):
+    """:class:`_NormalKLSum` over several groups ``(q_loc, q_scale, p_loc, p_scale)`` (a layer's
+    weights and bias), added in order: one graph node and one backward call instead of one per
+    group plus an addition, which at small layers costs more than their arithmetic. The value
+    is bit-identical to adding the groups' :func:`normal_kl_sum` one after the other."""
+
+    @staticmethod
+    def forward(ctx: Any, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors)
+        ctx.neutral = []
+        total: Tensor | None = None
+        for i in range(0, len(tensors), 4):
+            q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
+            ctx.neutral.append(_neutral_prior(p_loc, p_scale))
+            value = _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.neutral[-1])
+            total = value if total is None else total + value
+        assert total is not None  # normal_kl_sums passes at least two groups
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        tensors, needs = ctx.saved_tensors, ctx.needs_input_grad
+        grads: list[Tensor | None] = []
+        for i, neutral in zip(range(0, len(tensors), 4), ctx.neutral, strict=True):
+            q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
+            needed = tuple(needs[i : i + 4])
+            grads += _kl_sum_grads(grad, q_loc, q_scale, p_loc, p_scale, neutral, needed)
+        return tuple(grads)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -145,24 +231,49 @@ def normal_kl_sum(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor
     r"""``normal_kl(q_loc, q_scale, p_loc, p_scale).sum()`` (0-dim), the layers' hot path.
 
     Bit-identical value; the backward is a closed-form elementwise pass instead of autograd
-    through every intermediate (about 3x less time and no saved temporaries). The prior is
-    treated as constant (buffers); if a prior tensor requires grad, or the prior is larger than
-    the posterior, it falls back to autograd through :func:`normal_kl`, as it does under
+    through every intermediate (about 3x less time and no saved temporaries), for the posterior
+    and for a prior whose tensors require grad (a learned prior scale). If the prior is larger
+    than the posterior it falls back to autograd through :func:`normal_kl`, as it does under
     ``torch.compile`` (which fuses the plain expression itself) and ``torch.func.vmap``.
     """
     if q_loc.dtype == torch.float16:
         # float16 tops out at 65504; a 300 x 300 layer's KL is ~4e5. Sum in float32.
         return normal_kl_sum(q_loc.float(), q_scale.float(), p_loc.float(), p_scale.float())
-    if (
-        _plain_ops_only()
-        or p_loc.requires_grad
-        or p_scale.requires_grad
+    if not _fast_path(q_loc, q_scale, p_loc, p_scale):
+        return normal_kl(q_loc, q_scale, p_loc, p_scale).sum()
+    return _NormalKLSum.apply(q_loc, q_scale, p_loc, p_scale)
+
+
+def _fast_path(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) -> bool:
+    """Whether :func:`normal_kl_sum` takes its closed-form backward (float16 aside): not under
+    ``torch.compile`` or ``torch.func`` transforms (``_plain_ops_only``), nor for a prior larger
+    than the posterior (a learned prior, whose tensors require grad, gets its closed-form
+    gradient)."""
+    return not (
+        q_loc.dtype == torch.float16
+        or _plain_ops_only()
         or q_scale.shape != q_loc.shape
         or not _broadcasts_to(p_loc.shape, q_loc.shape)
         or not _broadcasts_to(p_scale.shape, q_loc.shape)
-    ):
-        return normal_kl(q_loc, q_scale, p_loc, p_scale).sum()
-    return _NormalKLSum.apply(q_loc, q_scale, p_loc, p_scale)
+    )
+
+
+def normal_kl_sums(groups: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+    """``normal_kl_sum(*groups[0]) + normal_kl_sum(*groups[1]) + ...``, in that order (0-dim).
+
+    The same value, bit for bit; where every group takes :func:`normal_kl_sum`'s fast path they
+    are computed in one autograd node (a layer's weights and bias: one backward call, not two
+    plus an addition).
+    """
+    if len(groups) > 1 and all(_fast_path(*group) for group in groups):
+        return _NormalKLSums.apply(*(t for group in groups for t in group))
+    total = None
+    for group in groups:
+        value = normal_kl_sum(*group)
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("normal_kl_sums needs at least one group")
+    return total
 
 
 def distribution_kl(

@@ -25,7 +25,7 @@ from . import _validation as V
 from . import functional
 from . import posteriors as _posteriors
 from . import priors as _priors
-from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum
+from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum, normal_kl_sums
 from .posteriors import MeanFieldNormal
 
 __all__ = [
@@ -53,7 +53,9 @@ class BayesianLinearBase(nn.Module):
         bias: if ``False``, the layer has no bias (``bias_posterior()`` returns ``None``).
         make_weights_prior: callable ``(in_features, out_features) -> Distribution`` with a batch
             shape that broadcasts to ``(in_features, out_features)``; default
-            ``varlin.priors.normal(1.0)``, the seed's standard Normal.
+            ``varlin.priors.normal(1.0)``, the seed's standard Normal. A learned prior
+            (``varlin.priors.normal(learn_scale=True)``, empirical Bayes) puts its scale among
+            the layer's parameters (``w_prior.raw_scale``), trained by the same ELBO.
         make_bias_prior: callable ``(out_features,) -> Distribution``; default standard Normal.
         estimator: ``"reparameterization"`` (one weight sample per call, the seed's),
             ``"local"`` (local reparameterization) or ``"flipout"``; each family accepts those
@@ -234,9 +236,9 @@ class BayesianLinearBase(nn.Module):
     ) -> Tensor:
         r""":math:`\sum_i KL(\mathcal N(\mu_i, \sigma_i^2)\,\|\,p_i)`."""
         if p.distribution_type is Normal:
-            # Fast path: the prior's (possibly scalar) buffers, no distribution objects, and a
-            # closed-form backward.
-            return normal_kl_sum(loc, scale, p.get_buffer("loc"), p.get_buffer("scale"))
+            # Fast path: the prior's (possibly scalar) tensors, no distribution objects, and a
+            # closed-form backward (which also gives a learned prior scale its gradient).
+            return normal_kl_sum(loc, scale, p.tensor("loc"), p.tensor("scale"))
         return distribution_kl_sum(
             Normal(loc, scale, validate_args=False), p(), generator=generator
         )
@@ -252,12 +254,15 @@ class BayesianLinearBase(nn.Module):
             # Normal priors: per-weight Normal KLs on the fused fast path, plus what the family
             # computes in closed form (nothing for mean-field; see Family.normal_kl_split).
             w_loc, w_ref, b_loc, b_ref = family.normal_kl_split(t)
-            kl = self._kl_sum(w_loc, w_ref, self.w_prior, self.generator)
+            w_prior_scale = self.w_prior.tensor("scale")  # softplus once per step if learned
+            groups = [(w_loc, w_ref, self.w_prior.tensor("loc"), w_prior_scale)]
             b_scale = None
             if b_loc is not None and b_ref is not None and self.b_prior is not None:
-                kl = kl + self._kl_sum(b_loc, b_ref, self.b_prior, self.generator)
-                b_scale = self.b_prior.get_buffer("scale")
-            rest = family.normal_kl_rest(t, self.w_prior.get_buffer("scale"), b_scale)
+                b_scale = self.b_prior.tensor("scale")
+                groups.append((b_loc, b_ref, self.b_prior.tensor("loc"), b_scale))
+            # Weights and bias in one autograd node (the value is kl_w + kl_b, bit for bit).
+            kl = normal_kl_sums(groups)
+            rest = family.normal_kl_rest(t, w_prior_scale, b_scale)
             return kl if rest is None else kl + rest
         w_loc, w_std, b_loc, b_std = family.marginals(t)
         if family.gaussian:

@@ -46,6 +46,7 @@ from .errors import NonFiniteLossError
 from .evaluation import EarlyStopping, Evaluation
 from .history import History
 from .likelihoods import Likelihood
+from .priors import learned_priors, learned_scales
 
 __all__ = [
     "DataParallelHooks",
@@ -442,7 +443,10 @@ class _Parts:
             resume=options.resume,
             keys=STATE_KEYS,
         )
-        self.diagnostics = Diagnostics([m for m, _ in trainee.members()], stacked=stacked)
+        models = [m for m, _ in trainee.members()]
+        self.diagnostics = Diagnostics(models, stacked=stacked)
+        # Empirical Bayes: the learned prior scales go into every epoch's record.
+        self.learned_priors = any(True for _ in learned_priors(models[0]))
         self.histories = [History() for _ in range(k)]
         self.trainee, self.options = trainee, options
 
@@ -545,6 +549,11 @@ def run(
                     of = f" of model {bad[0]}" if trainee.num_models > 1 else ""
                     raise _Diverged(f"a parameter{of} became non-finite in epoch {epoch}")
                 records = _epoch_records(sums, rows, steps, epoch, beta, step.lr)
+                if parts.learned_priors:
+                    for record, (model, _) in zip(records, trainee.members(), strict=True):
+                        record.update(
+                            {f"prior_scale.{n}": s for n, s in learned_scales(model).items()}
+                        )
                 if parts.evaluation is not None:
                     scores = parts.evaluation(trainee.members(), active)
                     for record, score in zip(records, scores, strict=True):

@@ -379,9 +379,11 @@ def _last_layer_split(model: nn.Module) -> tuple[nn.Module, _Head] | None:
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0:
         head = model[-1]
-        if _head(head) and not _has_bayesian(model[:-1]):
+        # (features, head), as bayesian_last_layer builds it: its first module, not a new slice.
+        features = model[0] if len(model) == 2 else model[:-1]
+        if _head(head) and not _has_bayesian(features):
             assert isinstance(head, (BayesianLinearBase, ExactLinear))
-            return model[:-1], head
+            return features, head
     return None
 
 

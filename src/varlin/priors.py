@@ -17,6 +17,25 @@ tensors' shapes included (a weight-sized prior loads into a layer built with a s
 back), and refuses with one line naming the prior when it does not: a Laplace prior's ``loc``
 and ``scale`` never load silently into a Normal's. A state without the family (written before
 it was recorded) loads as before, into the layer's own family.
+
+**Learned priors** (empirical Bayes, as in Wu et al. 2019): ``normal(learn_scale=True)``,
+``laplace(learn_scale=True)`` or :func:`learned` around any factory whose distribution has a
+``scale`` make the prior's scale a *parameter*, one per layer (or one per output unit with
+``per_output=True``), stored unconstrained as ``raw_scale`` (:math:`s = \operatorname{softplus}
+(\rho)`) and learned by the same ELBO as the posterior: the KL's gradient reaches it. For a
+fixed posterior :math:`q` and a Normal prior :math:`\mathcal N(m, s^2)`, the KL is smallest at
+
+.. math:: s^2 = \frac1n\sum_{i}\big((\mu_i - m)^2 + \sigma_i^2\big),
+
+the mean over the :math:`n` weights the scale covers; maximised jointly with :math:`q`, the
+ELBO's optimum over the scale is the evidence-maximising (type-II maximum likelihood) one when
+the family can represent the exact posterior. The family recorded in the ``state_dict`` is the
+distribution's (``Normal(loc, scale)``) whether its scale is learned or fixed; a state written
+with a fixed scale loads into a learned one (its ``raw_scale`` set to match) and back.
+
+References:
+    A. Wu, S. Nowozin, E. Meeds, R. E. Turner, J. M. Hernández-Lobato, A. L. Gaunt.
+    Deterministic variational inference for robust Bayesian neural networks. ICLR 2019.
 """
 
 from __future__ import annotations
@@ -25,14 +44,15 @@ import contextlib
 import copy
 import math
 import re
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Laplace, Normal, constraints
 
 from . import _validation as V
+from .functional import inverse_softplus, positive_scale
 
 __all__ = [
     "Prior",
@@ -41,7 +61,15 @@ __all__ = [
     "normal",
     "laplace",
     "scale_mixture",
+    "learned",
+    "learned_priors",
+    "learned_scales",
+    "learn_mode",
 ]
+
+#: The distribution tensor a learned prior learns, and the prefix of its unconstrained parameter.
+LEARNED = "scale"
+_RAW = "raw_"
 
 _SEP = "__"  # buffer names cannot hold "."; nested attributes are joined with this
 
@@ -158,18 +186,30 @@ class ScaleMixtureNormal(Distribution):
 
 
 class Prior(nn.Module):
-    """Holds a distribution's tensors as buffers and rebuilds the distribution on call.
+    r"""Holds a distribution's tensors as buffers and rebuilds the distribution on call.
 
     Args:
         distribution: any :class:`torch.distributions.Distribution` with an empty event shape
             (an elementwise prior); its batch shape must broadcast to ``shape``.
         shape: the shape of the parameter tensor the prior is over.
         name: the argument name used in error messages.
+        learn_scale: learn the distribution's ``scale`` (empirical Bayes): ``False`` (a
+            buffer, fixed), ``"layer"`` (one learned scale) or ``"output"`` (one per output
+            unit, the last dimension of ``shape``). The learned scale is the parameter
+            ``raw_scale``, :math:`s = \operatorname{softplus}(\rho)`, started at the
+            distribution's own scale, which must then be the same across what it covers.
 
     Calling the module returns the distribution expanded to ``shape`` (a view, no copy).
     """
 
-    def __init__(self, distribution: Any, shape: tuple[int, ...], *, name: str = "prior") -> None:
+    def __init__(
+        self,
+        distribution: Any,
+        shape: tuple[int, ...],
+        *,
+        name: str = "prior",
+        learn_scale: Literal[False, "layer", "output"] = False,
+    ) -> None:
         super().__init__()
         if not isinstance(distribution, Distribution):
             raise TypeError(
@@ -193,18 +233,86 @@ class Prior(nn.Module):
                 f"{tuple(shape)}, got batch_shape {batch}"
             )
         self.shape = tuple(shape)
-        for buffer_name, tensor in _tensor_slots(distribution):
-            self.register_buffer(buffer_name, tensor.detach().clone())
+        slots = dict(_tensor_slots(distribution))
+        #: The distribution's tensor names, in order: buffers, or learned (``raw_`` parameters).
+        self._slots = tuple(slots)
+        self._learned: tuple[str, ...] = ()
+        self.learned_shape: tuple[int, ...] | None = None
+        if learn_scale is not False:
+            self.learned_shape = self._learned_shape(learn_scale, name)
+            start = self._check_learnable(distribution, slots, name)
+            self._learned = (LEARNED,)
+            self.register_parameter(_RAW + LEARNED, nn.Parameter(start))
+        for slot_name, tensor in slots.items():
+            if slot_name not in self._learned:
+                self.register_buffer(slot_name, tensor.detach().clone())
         # The template keeps the distribution's structure only; its tensors live in the buffers.
         self._template = _strip(distribution)
+
+    def _learned_shape(self, learn_scale: Any, name: str) -> tuple[int, ...]:
+        if learn_scale == "layer":
+            return ()
+        if learn_scale == "output" and self.shape:
+            return self.shape[-1:]
+        raise ValueError(
+            f"learn_scale of {name} must be False, 'layer' or 'output' (with a parameter of at "
+            f"least one dimension), got {V.describe(learn_scale)} for shape {self.shape}"
+        )
+
+    def _check_learnable(
+        self, distribution: Distribution, slots: dict[str, Tensor], name: str
+    ) -> Tensor:
+        """The unconstrained start of the learned scale; one-line errors for what cannot be."""
+        family = f"{type(distribution).__name__}({', '.join(slots)})"
+        if LEARNED not in slots:
+            raise ValueError(
+                f"{name}: a learned prior scale (learn_scale) needs a prior family with a "
+                f"'{LEARNED}' parameter, and {family} has none; learn a Normal's or a Laplace's "
+                "scale, or keep this prior fixed"
+            )
+        scale = slots[LEARNED]
+        if not scale.is_floating_point():
+            raise TypeError(f"{name}: a learned prior scale must be floating, got {scale.dtype}")
+        assert self.learned_shape is not None
+        start = _common_value(scale, self.shape, self.learned_shape)
+        if start is None:
+            where = "one per layer" if not self.learned_shape else "one per output unit"
+            raise ValueError(
+                f"{name}: a learned prior scale is {where}, so the starting {family} must have "
+                f"the same scale across the weights it covers, got a {tuple(scale.shape)} scale "
+                "that varies"
+            )
+        if not bool((start > 0).all()) or not bool(torch.isfinite(start).all()):
+            raise ValueError(f"{name}: a learned prior scale must start finite and > 0")
+        raw = inverse_softplus(start.detach().double()).to(scale.dtype)
+        return raw.clone()
+
+    @property
+    def learns_scale(self) -> bool:
+        """Whether the scale is learned (a parameter) rather than fixed (a buffer)."""
+        return bool(self._learned)
+
+    def tensor(self, slot: str) -> Tensor:
+        r"""The distribution's tensor ``slot`` (``"loc"``, ``"scale"``, ...): its buffer, or for a
+        learned scale :math:`\operatorname{softplus}(\rho)`, differentiable in ``raw_scale``."""
+        if slot in self._learned:
+            # getattr, not get_parameter: under torch.func.functional_call (fit_ensemble) the
+            # parameter is swapped for a plain tensor.
+            return positive_scale(getattr(self, _RAW + slot))
+        return self.get_buffer(slot)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the distribution by name, a learned one constrained (:meth:`tensor`)."""
+        return {slot: self.tensor(slot) for slot in self._slots}
 
     @property
     def distribution_type(self) -> type[Distribution]:
         return type(self._template)
 
     def check_like(self, reference: Tensor, *, name: str) -> None:
-        """Raise if a floating buffer differs from ``reference`` in device or dtype."""
-        for buffer_name, buffer in self.named_buffers():
+        """Raise if a floating buffer (or learned parameter) differs from ``reference`` in device
+        or dtype."""
+        for buffer_name, buffer in [*self.named_buffers(), *self.named_parameters()]:
             if not buffer.is_floating_point():
                 continue
             if buffer.device != reference.device or buffer.dtype != reference.dtype:
@@ -216,7 +324,7 @@ class Prior(nn.Module):
                 )
 
     def _rebuild(
-        self, obj: Distribution, prefix: str, tensors: dict[str, Tensor | None]
+        self, obj: Distribution, prefix: str, tensors: Mapping[str, Tensor | None]
     ) -> Distribution:
         new = copy.copy(obj)
         for key, value in vars(obj).items():
@@ -228,7 +336,7 @@ class Prior(nn.Module):
         return new
 
     def forward(self) -> Distribution:
-        dist = self._rebuild(self._template, "", self._buffers)
+        dist = self._rebuild(self._template, "", self.tensors())
         if tuple(dist.batch_shape) != self.shape:
             dist = dist.expand(self.shape)
         return dist
@@ -241,14 +349,15 @@ class Prior(nn.Module):
         For example ``torch.distributions.laplace.Laplace(loc, scale)``; two priors with the
         same family differ only in their tensors' values and shapes.
         """
-        return f"{_class_tree(self._template)}({', '.join(self._buffers)})"
+        return f"{_class_tree(self._template)}({', '.join(self._slots)})"
 
     def get_extra_state(self) -> Tensor:
         # The family as its UTF-8 bytes in a tensor of the buffers' dtype and device (bytes
         # are exact in every floating dtype): the state_dict stays all floating tensors that
         # follow .to(), .double() and .half() like the rest, for code mapping .clone() or
         # .to() over it, and torch.load(weights_only=True).
-        like = next((b for b in self._buffers.values() if b is not None), None)
+        held = [*self._buffers.values(), *self._parameters.values()]
+        like = next((b for b in held if b is not None), None)
         floating = like is not None and like.is_floating_point()
         return torch.tensor(
             list(self.family.encode()),
@@ -281,6 +390,7 @@ class Prior(nn.Module):
                     f"module's is {_short(self.family)}; build it with the saved prior to load "
                     "this state"
                 )
+        state_dict = self._translate_scale(state_dict, prefix, where)
         adopted = self._adopt_shapes(state_dict, prefix, where)
         if adopted:
             state_dict = {**state_dict, **{prefix + k: v for k, v in adopted.items()}}
@@ -316,7 +426,7 @@ class Prior(nn.Module):
                 assert buffer is not None
                 shape = torch.broadcast_shapes(tensor.shape, buffer.shape)
                 adopted[name] = tensor.to(buffer).expand(shape).clone()
-            dist = self._rebuild(self._template, "", {**self._buffers, **adopted})
+            dist = self._rebuild(self._template, "", {**self.tensors(), **adopted})
             if tuple(dist.batch_shape) != self.shape:
                 dist = dist.expand(self.shape)
         except (RuntimeError, ValueError):
@@ -329,23 +439,102 @@ class Prior(nn.Module):
             self._buffers[name] = torch.empty_like(tensor)
         return adopted
 
+    def _translate_scale(
+        self, state_dict: dict[str, Any], prefix: str, where: str
+    ) -> dict[str, Any]:
+        """A state with a fixed ``scale`` for a learned one (``raw_scale``), or back.
+
+        A checkpoint written with a fixed prior loads into a learned one, which starts from the
+        saved scale (it must be the same across what the learned scale covers), and a learned
+        prior's state into a fixed one, which takes the learned value.
+        """
+        fixed = [s for s in self._slots if s not in self._learned]
+        new = dict(state_dict)
+        for slot in self._learned:
+            key, raw_key = prefix + slot, prefix + _RAW + slot
+            param = self.get_parameter(_RAW + slot)
+            saved = new.get(raw_key)
+            if isinstance(saved, Tensor) and saved.shape != param.shape:
+                raise RuntimeError(
+                    f"cannot load {where}: the saved learned {slot} has shape "
+                    f"{tuple(saved.shape)}, this prior's has shape {tuple(param.shape)} (one "
+                    "per layer is (), one per output unit is (out,)); build it with the same "
+                    "per_output"
+                )
+            if raw_key in new or not isinstance(new.get(key), Tensor):
+                continue
+            assert self.learned_shape is not None
+            start = _common_value(new.pop(key), self.shape, self.learned_shape)
+            if start is None:
+                raise RuntimeError(
+                    f"cannot load {where}: the saved fixed {slot} (shape "
+                    f"{tuple(state_dict[key].shape)}) is not one value across the weights that "
+                    "this prior's learned scale covers; load it into a fixed prior"
+                )
+            new[raw_key] = inverse_softplus(start.double()).to(param.dtype)
+        for slot in fixed:
+            key, raw_key = prefix + slot, prefix + _RAW + slot
+            if key not in new and isinstance(new.get(raw_key), Tensor):
+                new[key] = positive_scale(new.pop(raw_key).double())
+        return new
+
     def extra_repr(self) -> str:
-        params = ", ".join(
-            f"{k}={v.item():g}" if v.numel() == 1 else f"{k}={tuple(v.shape)}"
-            for k, v in self.named_buffers()
-        )
+        def show(name: str, value: Tensor) -> str:
+            learned = " learned" if name in self._learned else ""
+            if value.numel() == 1:
+                return f"{name}={value.item():g}{learned}"
+            return f"{name}={tuple(value.shape)}{learned}"
+
+        params = ", ".join(show(k, v.detach()) for k, v in self.tensors().items())
         return f"{type(self._template).__name__}({params}), shape={self.shape}"
+
+
+def _common_value(tensor: Tensor, shape: tuple[int, ...], target: tuple[int, ...]) -> Tensor | None:
+    """``tensor`` (broadcast over ``shape``) reduced to ``target`` (a trailing part of
+    ``shape``), if it is the same across the dimensions reduced; else ``None``."""
+    try:
+        full = tensor.detach().expand(shape)
+    except RuntimeError:
+        return None
+    flat = full.reshape(-1, *target)
+    first = flat[0]
+    if not bool((flat == first).all()):
+        return None
+    return first.clone()
 
 
 PriorFactory = Callable[..., Distribution]
 
 
-class _ScalarFactory:
-    """A picklable factory ``(*shape, device=None, dtype=None) -> Distribution`` of scalars."""
+LearnScale = Literal[False, "layer", "output"]
 
-    def __init__(self, kind: type[Distribution], **params: float) -> None:
+
+def _learn_mode(learn_scale: Any, per_output: Any) -> LearnScale:
+    """``Prior``'s ``learn_scale`` from the factories' two flags, checked."""
+    learn_scale = V.boolean("learn_scale", learn_scale)
+    per_output = V.boolean("per_output", per_output)
+    if per_output and not learn_scale:
+        raise ValueError(
+            "per_output=True needs learn_scale=True: it asks for one learned scale per output "
+            "unit (a fixed scale is one number)"
+        )
+    if not learn_scale:
+        return False
+    return "output" if per_output else "layer"
+
+
+class _ScalarFactory:
+    """A picklable factory ``(*shape, device=None, dtype=None) -> Distribution`` of scalars.
+
+    ``learn``: whether :func:`build` makes the scale a learned parameter (see :class:`Prior`).
+    """
+
+    def __init__(
+        self, kind: type[Distribution], *, learn: LearnScale = False, **params: float
+    ) -> None:
         self.kind = kind
         self.params = params
+        self.learn: LearnScale = learn
 
     def __call__(
         self,
@@ -361,26 +550,60 @@ class _ScalarFactory:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        if self.learn:
+            args += ", learn_scale=True" + (", per_output=True" if self.learn == "output" else "")
         return f"{self.kind.__name__}({args})"
 
 
-def normal(scale: float = 1.0, loc: float = 0.0) -> _ScalarFactory:
-    """Factory of an elementwise :math:`\\mathcal N(loc, scale^2)` prior (the default, N(0, 1))."""
-    scale = V.real("scale", scale, min_value=0.0, strict=True)
-    loc = V.real("loc", loc)
-    return _ScalarFactory(Normal, loc=loc, scale=scale)
+class _Learned:
+    """A user's prior factory whose distribution's ``scale`` :func:`build` learns (picklable
+    when the wrapped factory is)."""
+
+    def __init__(self, factory: Any, learn: LearnScale) -> None:
+        self.factory = factory
+        self.learn: LearnScale = learn
+
+    def __call__(self, *shape: int) -> Distribution:
+        return self.factory(*shape)
+
+    def __repr__(self) -> str:
+        per_output = ", per_output=True" if self.learn == "output" else ""
+        return f"learned({self.factory!r}{per_output})"
 
 
-def laplace(scale: float = 1.0, loc: float = 0.0) -> _ScalarFactory:
-    """Factory of an elementwise Laplace prior (sparsity-inducing; closed-form KL vs Normal)."""
+def normal(
+    scale: float = 1.0, loc: float = 0.0, *, learn_scale: bool = False, per_output: bool = False
+) -> PriorFactory:
+    """Factory of an elementwise :math:`\\mathcal N(loc, scale^2)` prior (the default, N(0, 1)).
+
+    Args:
+        scale: the standard deviation (> 0); with ``learn_scale``, where learning starts.
+        loc: the mean.
+        learn_scale: learn the scale by the ELBO (empirical Bayes): one scale per layer's
+            weights (and one for its bias), stored as the prior's parameter ``raw_scale``.
+        per_output: with ``learn_scale``, one learned scale per output unit (column of the
+            ``(in_features, out_features)`` weights) instead of one per layer.
+    """
     scale = V.real("scale", scale, min_value=0.0, strict=True)
     loc = V.real("loc", loc)
-    return _ScalarFactory(Laplace, loc=loc, scale=scale)
+    return _ScalarFactory(Normal, learn=_learn_mode(learn_scale, per_output), loc=loc, scale=scale)
+
+
+def laplace(
+    scale: float = 1.0, loc: float = 0.0, *, learn_scale: bool = False, per_output: bool = False
+) -> PriorFactory:
+    """Factory of an elementwise Laplace prior (sparsity-inducing; closed-form KL vs Normal).
+
+    ``learn_scale`` and ``per_output`` as for :func:`normal`.
+    """
+    scale = V.real("scale", scale, min_value=0.0, strict=True)
+    loc = V.real("loc", loc)
+    return _ScalarFactory(Laplace, learn=_learn_mode(learn_scale, per_output), loc=loc, scale=scale)
 
 
 def scale_mixture(
     mixing: float = 0.5, scale1: float = 1.0, scale2: float = math.exp(-6)
-) -> _ScalarFactory:
+) -> PriorFactory:
     """Factory of Blundell et al.'s (2015) :class:`ScaleMixtureNormal` prior."""
     mixing = V.real("mixing", mixing)
     if not 0.0 < mixing < 1.0:
@@ -388,6 +611,56 @@ def scale_mixture(
     scale1 = V.real("scale1", scale1, min_value=0.0, strict=True)
     scale2 = V.real("scale2", scale2, min_value=0.0, strict=True)
     return _ScalarFactory(ScaleMixtureNormal, mixing=mixing, scale1=scale1, scale2=scale2)
+
+
+def learned(factory: Any, *, per_output: bool = False) -> PriorFactory:
+    """The prior factory ``factory`` with its distribution's ``scale`` learned (empirical Bayes).
+
+    For any factory whose distribution has a ``scale`` tensor (Normal, Laplace, StudentT,
+    Cauchy, ...), the same scale across the weights it covers; ``learned(normal(0.5))`` is
+    ``normal(0.5, learn_scale=True)``. A family without a ``scale`` (the scale mixture, whose
+    scales are ``scale1`` and ``scale2``) is refused when a layer builds the prior.
+
+    Args:
+        factory: a prior factory (varlin's, or a callable of the parameter's shape).
+        per_output: one learned scale per output unit instead of one per layer.
+    """
+    if not callable(factory):
+        raise TypeError(
+            f"factory must be a prior factory (shape -> Distribution), got {V.describe(factory)}"
+        )
+    learn = _learn_mode(True, per_output)
+    if isinstance(factory, _ScalarFactory):
+        return _ScalarFactory(factory.kind, learn=learn, **factory.params)
+    if isinstance(factory, _Learned):
+        return _Learned(factory.factory, learn)
+    return _Learned(factory, learn)
+
+
+def learn_mode(factory: Any) -> LearnScale:
+    """How a factory's prior scale is learned: ``False``, ``"layer"`` or ``"output"``."""
+    return factory.learn if isinstance(factory, (_ScalarFactory, _Learned)) else False
+
+
+def learned_priors(model: nn.Module) -> Iterator[tuple[str, Prior]]:
+    """``(name, prior)`` for every prior of ``model`` whose scale is learned, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, Prior) and module.learns_scale:
+            yield name, module
+
+
+def learned_scales(model: nn.Module) -> dict[str, float]:
+    """The current learned prior scales of ``model``, by prior name (as :func:`learned_priors`).
+
+    One number per prior: the scale, or with ``per_output=True`` the mean of the outputs'
+    scales. :func:`varlin.fit` records them every epoch in its history as
+    ``"prior_scale.<name>"`` (e.g. ``history["prior_scale.0.w_prior"]``).
+    """
+    with torch.no_grad():
+        return {
+            name: float(prior.tensor(LEARNED).double().mean())
+            for name, prior in learned_priors(model)
+        }
 
 
 def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype: Any) -> Prior:
@@ -400,6 +673,9 @@ def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype
         raise TypeError(
             f"{name} must be callable (shape -> Distribution), got {V.describe(factory)}"
         )
+    learn = learn_mode(factory)
+    if isinstance(factory, _Learned):
+        factory = factory.factory
     if isinstance(factory, _ScalarFactory):
         dist = factory(*shape, device=device, dtype=dtype)
     else:
@@ -410,6 +686,6 @@ def build(factory: Any, shape: tuple[int, ...], *, name: str, device: Any, dtype
                 f"calling {name}(*{shape}) raised TypeError: {exc}; a prior factory takes the "
                 "parameter's shape as positional arguments, e.g. (in_features, out_features)"
             ) from exc
-    prior = Prior(dist, shape, name=name)
+    prior = Prior(dist, shape, name=name, learn_scale=learn)
     V.real_support(name, dist)  # a weight prior: Prior itself holds any distribution
     return prior

@@ -192,6 +192,11 @@ def run_dataset(
             "rmse": rmses,
             "seconds": [round(r.seconds, 2) for r in results],
             "noise_std": [r.noise for r in results],
+            **(
+                {"prior_scales": [r.prior_scales for r in results]}
+                if any(r.prior_scales for r in results)
+                else {}
+            ),
         },
         "diagnostics": notes,
         **extra,
@@ -268,7 +273,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=V.arg_positive_int, default=None)
     parser.add_argument("--lr", type=V.arg_positive_float, default=None)
     parser.add_argument("--init-scale", type=V.arg_positive_float, default=None)
-    parser.add_argument("--prior-scale", type=V.arg_positive_float, default=None)
+    parser.add_argument(
+        "--prior-scale",
+        type=V.arg_positive_float,
+        default=None,
+        help="prior standard deviation (with --prior empirical, where the learned scales start)",
+    )
+    parser.add_argument(
+        "--prior",
+        choices=["fixed", "empirical"],
+        default=None,
+        help="fixed (default): the prior scale is --prior-scale; empirical: empirical Bayes, "
+        "each layer's weight and bias prior scales learned by the ELBO (as MCVI)",
+    )
     parser.add_argument(
         "--noise-init", type=V.arg_positive_float, default=None, help="standardised units"
     )
@@ -389,7 +406,7 @@ def main_from_args(args: argparse.Namespace) -> int:
             print(
                 f"{dataset.name}: {what} LL {ll[0]:.3f} ± {ll[1]:.3f}, RMSE {rmse[0]:.3f} ± "
                 f"{rmse[1]:.3f}{linear} ({entry['splits']} splits, {config.epochs} epochs, "
-                f"{config.likelihood}, {entry['seconds']:.0f} s)",
+                f"{config.likelihood}, {config.prior} prior, {entry['seconds']:.0f} s)",
                 flush=True,
             )
     return 0

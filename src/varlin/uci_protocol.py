@@ -76,6 +76,7 @@ __all__ = [
 
 LikelihoodName = Literal["homoscedastic", "heteroscedastic"]
 EstimatorName = Literal["reparameterization", "local", "flipout"]
+PriorName = Literal["fixed", "empirical"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,12 @@ class UCIConfig:
         batch_size: Minibatch size.
         lr: Adam's initial learning rate, decayed to 0 by a cosine schedule over the run.
         init_scale: Initial posterior standard deviation of every weight and bias.
-        prior_scale: Standard deviation of the N(0, prior_scale^2) prior on every weight and bias.
+        prior_scale: Standard deviation of the N(0, prior_scale^2) prior on every weight and bias
+            (with ``prior="empirical"``, where the learned scales start).
+        prior: ``"fixed"``: the prior scale is ``prior_scale``; ``"empirical"``: empirical Bayes
+            as MCVI (Wu et al. 2019), the scale of each layer's weight prior and of its bias
+            prior is a parameter learned by the same ELBO
+            (``varlin.priors.normal(prior_scale, learn_scale=True)``).
         noise_init: Initial noise standard deviation in standardised units (the learned
             homoscedastic noise; for the heteroscedastic model, via the bias of its scale output).
         estimator: Gradient estimator of the variational layers.
@@ -117,6 +123,7 @@ class UCIConfig:
     lr: float = 1e-2
     init_scale: float = 1e-3
     prior_scale: float = 2.0
+    prior: PriorName = "fixed"
     noise_init: float = 0.5
     estimator: EstimatorName = "local"
     posterior: str = "meanfield"
@@ -154,6 +161,7 @@ _OVERRIDES = (
     "lr",
     "init_scale",
     "prior_scale",
+    "prior",
     "noise_init",
     "estimator",
     "posterior",
@@ -272,7 +280,7 @@ def build_model(in_features: int, config: UCIConfig) -> nn.Sequential:
     ``inverse_softplus(noise_init)`` so that both models start from the same noise level.
     """
     out = 2 if config.likelihood == "heteroscedastic" else 1
-    prior = priors.normal(config.prior_scale)
+    prior = priors.normal(config.prior_scale, learn_scale=config.prior == "empirical")
     options: dict[str, Any] = {
         "estimator": config.estimator,
         "posterior": config.posterior,
@@ -329,6 +337,8 @@ class SplitResult:
         seconds: Wall time of training and scoring.
         noise: Mean predicted noise standard deviation, original units.
         warnings: Training diagnostics emitted by :func:`varlin.fit`.
+        prior_scales: The learned prior scales at the end of training, by prior name
+            (:func:`varlin.priors.learned_scales`; empty with a fixed prior).
     """
 
     index: int
@@ -337,6 +347,7 @@ class SplitResult:
     seconds: float
     noise: float
     warnings: tuple[str, ...] = ()
+    prior_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _seed(config: UCIConfig, index: int) -> int:
@@ -433,7 +444,9 @@ def run_split(split: SplitArrays, config: UCIConfig) -> SplitResult:
             covariance=config.covariance,
         )
     ll, rmse, noise = score(model, likelihood, split, config)
-    return SplitResult(split.index, ll, rmse, time.perf_counter() - started, noise, tuple(notes))
+    seconds = time.perf_counter() - started
+    scales = priors.learned_scales(model)
+    return SplitResult(split.index, ll, rmse, seconds, noise, tuple(notes), scales)
 
 
 _MODEL_NOTE = re.compile(r"model (\d+): (.*)", re.DOTALL)
@@ -508,9 +521,9 @@ def run_group(splits: Sequence[SplitArrays], config: UCIConfig) -> list[SplitRes
     for split, (model, lik), note in zip(splits, trained, notes, strict=True):
         t0 = time.perf_counter()
         ll, rmse, noise = score(model, lik, split, config)
-        results.append(
-            SplitResult(split.index, ll, rmse, seconds + time.perf_counter() - t0, noise, note)
-        )
+        elapsed = seconds + time.perf_counter() - t0
+        scales = priors.learned_scales(model)
+        results.append(SplitResult(split.index, ll, rmse, elapsed, noise, note, scales))
     return results
 
 
