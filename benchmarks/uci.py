@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from typing import Any
@@ -133,6 +134,183 @@ def _targets(hom: dict[str, Any], het: dict[str, Any]) -> str:
             rest = f"; short: {', '.join(missed)}" if missed else ""
             out.append(f"- {label}, {goal}: {met}/9{rest}")
     return "\n".join(out)
+
+
+#: Test LL within this many nats of the exact linear model counts as "reaching" it (issue 11).
+GAP_TOLERANCE = 0.1
+
+
+def render_families(mean_field: dict[str, Any], families: dict[str, dict[str, Any]]) -> str:
+    """Test LL of other posterior families beside mean-field's (one likelihood), with tallies.
+
+    Args:
+        mean_field: ``--out`` entries of the mean-field run, by dataset folder.
+        families: ``--out`` entries of each family's run, by column label.
+    """
+    labels = list(families)
+    lines = [
+        "| test LL | MC dropout | mean-field | " + " | ".join(labels) + " |",
+        "|---|---:|---:|" + "---:|" * len(labels),
+    ]
+    for folder, (short, _, _, dropout, _) in PUBLISHED.items():
+        m = mean_field.get(folder)
+        cells = [
+            _pm(families[k][folder]["test_ll"]) if folder in families[k] else "—" for k in labels
+        ]
+        lines.append(
+            f"| {short} | {dropout:.2f} | {_pm(m['test_ll']) if m else '—'} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines.append("")
+    beats, reached, short_of = [], 0, []
+    for folder, (short, _, _, dropout, _) in PUBLISHED.items():
+        runs = {k: families[k][folder]["test_ll"][0] for k in labels if folder in families[k]}
+        if not runs or folder not in mean_field:
+            short_of.append(f"{short} (not run)")
+            continue
+        best = max(runs, key=lambda k: runs[k])
+        if runs[best] > mean_field[folder]["test_ll"][0]:
+            beats.append(
+                f"{short} ({best} {runs[best]:.3f} vs {mean_field[folder]['test_ll'][0]:.3f})"
+            )
+        if round(runs[best], 2) >= dropout:
+            reached += 1
+        else:
+            short_of.append(f"{short} ({runs[best]:.2f} vs {dropout:.2f})")
+    lines.append(
+        f"- best other family above mean-field: {len(beats)}/9: {', '.join(beats) or 'none'}"
+    )
+    lines.append(
+        f"- best other family at/above MC dropout: {reached}/9"
+        + (f"; short: {', '.join(short_of)}" if short_of else "")
+    )
+    return "\n".join(lines)
+
+
+def gap_summary(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dataset: each family's gap splits within :data:`GAP_TOLERANCE` of the linear model.
+
+    Args:
+        runs: ``varlin uci --gap --out`` files, by family label (all with the same datasets).
+
+    Returns:
+        ``{folder: {"dimensions": [...], "linear": [...], "families": {label: {"ll": [...],
+        "within": n, "worst": (difference, dimension)}}, "best_within": n, "best_worst":
+        (difference, dimension, label)}}``, differences as family minus linear, in nats.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    first = next(iter(runs.values()))
+    for folder in first:
+        gap = first[folder]["gap"]
+        dims, linear = gap["dimensions"], gap["linear_test_ll"]
+        entry: dict[str, Any] = {"dimensions": dims, "linear": linear, "families": {}}
+        best: list[tuple[float, str]] = [(-math.inf, "")] * len(dims)
+        for label, run in runs.items():
+            if folder not in run:
+                continue
+            if run[folder]["gap"]["dimensions"] != dims:
+                raise ValueError(f"{label}: the gap splits of {folder} differ from the others'")
+            lls = run[folder]["per_split"]["test_ll"]
+            diffs = [ll - ref for ll, ref in zip(lls, linear, strict=True)]
+            worst = min(range(len(dims)), key=lambda i: diffs[i])
+            entry["families"][label] = {
+                "ll": lls,
+                "within": sum(d >= -GAP_TOLERANCE for d in diffs),
+                "worst": (diffs[worst], dims[worst]),
+            }
+            best = [max(b, (d, label)) for b, d in zip(best, diffs, strict=True)]
+        entry["best_within"] = sum(d >= -GAP_TOLERANCE for d, _ in best)
+        low = min(range(len(dims)), key=lambda i: best[i][0])
+        entry["best_worst"] = (best[low][0], dims[low], best[low][1])
+        entry["best_family"] = [label for _, label in best]
+        out[folder] = entry
+    return out
+
+
+def render_gap(runs: dict[str, dict[str, Any]]) -> str:
+    """The gap-protocol table of ``docs/results/uci.md``: per dataset and family, the mean test
+    LL, the splits within 0.1 nats of the linear model and the worst split (family − linear)."""
+    summary = gap_summary(runs)
+    labels = list(runs)
+    lines = [
+        "| gap test LL | splits | linear model | "
+        + " | ".join(f"{k}: mean / within 0.1 / worst (dim)" for k in labels)
+        + " | best family: within 0.1 / worst (dim, family) |",
+        "|---|---:|---:|" + "---|" * len(labels) + "---|",
+    ]
+    folders = [f for f in PUBLISHED if f in summary] + [f for f in summary if f not in PUBLISHED]
+    for folder in folders:
+        e = summary[folder]
+        n = len(e["dimensions"])
+        cells = []
+        for k in labels:
+            f = e["families"].get(k)
+            if f is None:
+                cells.append("—")
+                continue
+            diff, dim = f["worst"]
+            cells.append(f"{sum(f['ll']) / n:.2f} / {f['within']}/{n} / {diff:+.2f} ({dim})")
+        diff, dim, label = e["best_worst"]
+        short = PUBLISHED[folder][0] if folder in PUBLISHED else folder
+        lines.append(
+            f"| {short} | {n} | {sum(e['linear']) / n:.2f} | "
+            + " | ".join(cells)
+            + f" | {e['best_within']}/{n} / {diff:+.2f} ({dim}, {label}) |"
+        )
+    total = sum(len(e["dimensions"]) for e in summary.values())
+    within = sum(e["best_within"] for e in summary.values())
+    lines += [
+        "",
+        f"- best family within {GAP_TOLERANCE} nats of the linear model: {within}/{total} "
+        "gap splits",
+    ]
+    return "\n".join(lines)
+
+
+def _labelled(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for pair in pairs:
+        label, sep, path = pair.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"uci.py: error: expected LABEL=FILE, got {pair!r}")
+        with open(path) as fh:
+            runs[label] = json.load(fh)
+    return runs
+
+
+def _merge_json(path: str | None, key: str, value: dict[str, Any]) -> None:
+    if path is None:
+        return
+    with open(path) as fh:
+        data = json.load(fh)
+    data.setdefault(key, {}).update(value)
+    write_json_atomic(path, data)
+
+
+def families_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="uci.py families")
+    parser.add_argument("runs", nargs="+", help="LABEL=FILE: --out files of one likelihood")
+    parser.add_argument("--likelihood", choices=["homoscedastic", "heteroscedastic"], required=True)
+    parser.add_argument("--json", required=True, help="uci.json: mean-field from it, runs into it")
+    args = parser.parse_args(argv)
+    runs = _labelled(args.runs)
+    with open(args.json) as fh:
+        mean_field = json.load(fh)[args.likelihood]
+    _merge_json(args.json, "families", {k: {args.likelihood: v} for k, v in runs.items()})
+    print(render_families(mean_field, runs))
+    return 0
+
+
+def gap_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="uci.py gap")
+    parser.add_argument("runs", nargs="+", help="LABEL=FILE: varlin uci --gap --out files")
+    parser.add_argument("--json", default=None, help="merge the runs into this uci.json")
+    args = parser.parse_args(argv)
+    runs = _labelled(args.runs)
+    _merge_json(args.json, "gap", runs)
+    print(render_gap(runs))
+    return 0
 
 
 #: Issue 18's goals for the empirical-Bayes runs: (likelihood, published column, its name, least
@@ -347,6 +525,10 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1:2] == ["render"]:
         sys.exit(render_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["families"]:
+        sys.exit(families_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["gap"]:
+        sys.exit(gap_main(sys.argv[2:]))
     if sys.argv[1:2] == ["render-empirical"]:
         sys.exit(render_empirical_main(sys.argv[2:]))
     if sys.argv[1:2] == ["render-moments"]:

@@ -29,6 +29,7 @@ from ._io import atomic_write
 from .data import UCI_DATASETS, UCIDataset, load_uci
 from .errors import CLIError
 from .posteriors import FAMILIES
+from .uci_gap import GAP_MIN_DISTINCT, gap_splits, linear_reference, prepare_gap_split
 from .uci_protocol import (
     _OVERRIDES,
     DEFAULT_CONFIGS,
@@ -93,6 +94,8 @@ def run_dataset(
     *,
     splits: int | None = None,
     validation: bool = False,
+    gap: bool = False,
+    gap_min_distinct: int = GAP_MIN_DISTINCT,
     executor: cf.Executor | None = None,
     workers: int = 1,
     progress: bool = True,
@@ -104,6 +107,10 @@ def run_dataset(
         config: Training settings.
         splits: Number of splits (from split 0); default all of them.
         validation: Score a held-out 20 % of each training split instead of the test rows.
+        gap: Run the gap protocol (:mod:`varlin.uci_gap`) instead of the standard splits: one
+            split per input dimension with at least ``gap_min_distinct`` distinct values, each
+            also scored by the exact linear reference (``"gap"`` in the entry).
+        gap_min_distinct: Least number of distinct values of a dimension split by ``gap``.
         executor: Runs the splits in parallel if given (each worker with one torch thread).
         workers: Number of groups the splits are divided into for ``executor``.
         progress: Show a progress bar over the splits.
@@ -112,9 +119,38 @@ def run_dataset(
         ``{"test_ll": [mean, stderr], "rmse": [mean, stderr], "splits": k, "epochs": e,
         "seconds": t, "config": {...}, ...}``, in original units.
     """
-    k = dataset.n_splits if splits is None else min(splits, dataset.n_splits)
+    if gap and validation:
+        raise ValueError(
+            "gap=True and validation=True cannot be combined: the gap protocol "
+            "scores the middle third of each dimension, not a validation carve-out"
+        )
     started = time.perf_counter()
-    arrays = [prepare_split(dataset, i, validation=validation, seed=config.seed) for i in range(k)]
+    extra: dict[str, Any] = {}
+    if gap:
+        chosen, skipped = gap_splits(dataset.X, min_distinct=gap_min_distinct)
+        if not chosen:
+            raise ValueError(
+                f"{dataset.name}: no input dimension has at least {gap_min_distinct} distinct "
+                "values, so there is no gap split"
+            )
+        chosen = chosen[:splits]
+        arrays = [prepare_gap_split(dataset, s) for s in chosen]
+        linear = [linear_reference(a) for a in arrays]
+        extra["gap"] = {
+            "dimensions": [s.dimension for s in chosen],
+            "skipped": {str(d): n for d, n in skipped.items()},
+            "min_distinct": gap_min_distinct,
+            "train_rows": int(chosen[0].train.size),
+            "test_rows": int(chosen[0].test.size),
+            "linear_test_ll": [ll for ll, _ in linear],
+            "linear_rmse": [rmse for _, rmse in linear],
+        }
+    else:
+        k = dataset.n_splits if splits is None else min(splits, dataset.n_splits)
+        arrays = [
+            prepare_split(dataset, i, validation=validation, seed=config.seed) for i in range(k)
+        ]
+    k = len(arrays)
     results: list[SplitResult] = []
     bar = tqdm(total=k, desc=dataset.name, disable=not progress, unit="split", leave=True)
     try:
@@ -133,7 +169,7 @@ def run_dataset(
                 _update(bar, results, len(done))
     finally:
         bar.close()
-    results.sort(key=lambda r: r.index)
+    results.sort(key=lambda r: r.index)  # split number, or the dimension of a gap split
     lls = [r.log_likelihood for r in results]
     rmses = [r.rmse for r in results]
     notes = sorted({f"split {r.index}: {w}" for r in results for w in r.warnings})
@@ -145,7 +181,11 @@ def run_dataset(
         "seconds": round(time.perf_counter() - started, 2),
         "config": config.to_dict(),
         "evaluated_on": (
-            "validation: 20% of each training split (test rows unused)" if validation else "test"
+            "validation: 20% of each training split (test rows unused)"
+            if validation
+            else "gap: the middle third along each dimension"
+            if gap
+            else "test"
         ),
         "per_split": {
             "test_ll": lls,
@@ -159,6 +199,7 @@ def run_dataset(
             ),
         },
         "diagnostics": notes,
+        **extra,
     }
 
 
@@ -282,6 +323,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the test rows are not used",
     )
     parser.add_argument(
+        "--gap",
+        action="store_true",
+        help="the gap protocol (Foong et al. 2019): one split per input dimension, rows sorted "
+        "by it, train on the outer two thirds, test on the middle third; each split is also "
+        "scored by exact Bayesian linear regression (prior and noise by the evidence)",
+    )
+    parser.add_argument(
+        "--gap-min-distinct",
+        type=V.arg_positive_int,
+        default=GAP_MIN_DISTINCT,
+        help="with --gap, skip a dimension with fewer distinct values than this (default "
+        f"{GAP_MIN_DISTINCT}: binary and constant columns have no middle third)",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="JSON file of results, written atomically after every dataset; entries of other "
@@ -297,6 +352,12 @@ def _dataset_names(spec: str) -> list[str]:
 def main_from_args(args: argparse.Namespace) -> int:
     """Run ``varlin uci`` with parsed ``args``; print a summary line per dataset; return 0."""
     torch.set_num_threads(1)
+    gap = bool(getattr(args, "gap", False))
+    if gap and args.validation:
+        raise CLIError(
+            "--gap and --validation cannot be combined: --gap scores the middle third of each "
+            "input dimension, --validation a carve-out of the standard training splits"
+        )
     overrides = {name: getattr(args, name, None) for name in _OVERRIDES}
     if overrides["covariance"] not in (None, "diagonal") and overrides["method"] != "moments":
         raise CLIError(f"--covariance {overrides['covariance']} applies only to --method moments")
@@ -319,23 +380,32 @@ def main_from_args(args: argparse.Namespace) -> int:
                 build_model(dataset.X.shape[1], config)
             except ValueError as exc:
                 raise CLIError(f"--posterior {config.posterior}: {exc}") from None
-            entry = run_dataset(
-                dataset,
-                config,
-                splits=args.splits,
-                validation=args.validation,
-                executor=pool,
-                workers=args.workers,
-                progress=not args.no_progress,
-            )
+            try:
+                entry = run_dataset(
+                    dataset,
+                    config,
+                    splits=args.splits,
+                    validation=args.validation,
+                    gap=gap,
+                    gap_min_distinct=getattr(args, "gap_min_distinct", GAP_MIN_DISTINCT),
+                    executor=pool,
+                    workers=args.workers,
+                    progress=not args.no_progress,
+                )
+            except ValueError as exc:  # e.g. --gap on a dataset without a dimension to split
+                raise CLIError(str(exc)) from None
             results[dataset.name] = entry
             if args.out is not None:
                 write_json_atomic(args.out, results)
             ll, rmse = entry["test_ll"], entry["rmse"]
-            what = "val" if args.validation else "test"
+            what = "val" if args.validation else "gap" if gap else "test"
+            linear = ""
+            if gap:
+                ref = mean_and_stderr(entry["gap"]["linear_test_ll"])
+                linear = f"; linear model LL {ref[0]:.3f} ± {ref[1]:.3f}"
             print(
                 f"{dataset.name}: {what} LL {ll[0]:.3f} ± {ll[1]:.3f}, RMSE {rmse[0]:.3f} ± "
-                f"{rmse[1]:.3f} ({entry['splits']} splits, {config.epochs} epochs, "
+                f"{rmse[1]:.3f}{linear} ({entry['splits']} splits, {config.epochs} epochs, "
                 f"{config.likelihood}, {config.prior} prior, {entry['seconds']:.0f} s)",
                 flush=True,
             )

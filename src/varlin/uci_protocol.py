@@ -98,8 +98,9 @@ class UCIConfig:
         noise_init: Initial noise standard deviation in standardised units (the learned
             homoscedastic noise; for the heteroscedastic model, via the bias of its scale output).
         estimator: Gradient estimator of the variational layers.
-        posterior: Variational family of both layers' weights (a name of
-            :data:`varlin.posteriors.FAMILIES`); the biases stay mean-field.
+        posterior: Variational family of both layers (a name of
+            :data:`varlin.posteriors.FAMILIES`); mean-field gives the biases their own factor,
+            every other family holds each layer's weights and bias jointly.
         rank: Rank of the ``"lowrank"`` family (``None`` for the others).
         likelihood: ``"homoscedastic"`` (one learned noise scale) or ``"heteroscedastic"`` (the
             network outputs a mean and a raw scale per example).
