@@ -590,6 +590,16 @@ def test_exact_head_is_bayesian_linear_regression_on_the_features(outputs: int) 
     torch.testing.assert_close(given.epistemic, pred.epistemic)
 
 
+def test_fit_refuses_an_exact_head_and_names_fit_head() -> None:
+    """An exact head is fitted in closed form; ``fit`` would train nothing but the noise."""
+    net, x, y = _trained_net()
+    likelihood = varlin.likelihoods.Gaussian()
+    for data in (None, (x, y)):
+        model = bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=data)
+        with pytest.raises(ValueError, match=r"exact head .* model\.fit_head\(x, y\)"):
+            varlin.fit(model, x, y, likelihood=likelihood, epochs=1, progress=False)
+
+
 def test_exact_head_state_dict_round_trip_and_errors() -> None:
     net, x, y = _trained_net()
     model = bayesian_last_layer(net[:-1], 16, 1, method="exact", data=(x, y), ard=True)

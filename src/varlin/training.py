@@ -37,6 +37,7 @@ from .checkpoints import (
     load_module_state,
     save_checkpoint,
 )
+from .conjugate import ExactLinear
 from .diagnostics import diagnose as _diagnose  # noqa: F401  (its former home; tests use it)
 from .elbo import ELBO, ELBOTerms
 from .errors import CheckpointError, NonFiniteLossError, VarlinWarning
@@ -338,6 +339,12 @@ def fit(
     )
     seed = int(seed)
     check_validation(validation)
+    if any(isinstance(module, ExactLinear) for module in model.modules()):
+        raise ValueError(
+            "model has an exact head (varlin.conjugate.ExactLinear), fitted in closed form, not "
+            "by fit: call model.fit_head(x, y) on the Bayesian last layer, or "
+            "bayesian_last_layer(..., method='exact', data=(x, y))"
+        )
     if options.method == "moments":
         check_model(model)
 
