@@ -598,6 +598,8 @@ def test_fit_refuses_an_exact_head_and_names_fit_head() -> None:
         model = bayesian_last_layer(net[:-1], head=net[-1], method="exact", data=data)
         with pytest.raises(ValueError, match=r"exact head .* model\.fit_head\(x, y\)"):
             varlin.fit(model, x, y, likelihood=likelihood, epochs=1, progress=False)
+        with pytest.raises(ValueError, match=r"models\[0\] has an exact head"):
+            varlin.fit_ensemble([model], x, y, likelihoods=[likelihood], epochs=1, progress=False)
 
 
 def test_exact_head_state_dict_round_trip_and_errors() -> None:

@@ -45,7 +45,13 @@ from .history import History
 from .likelihoods import Likelihood
 from .loop import DataParallelHooks, FitOptions, run
 from .moments import check_model
-from .training import Objective, make_objective, rng_state, set_rng_state
+from .training import (
+    Objective,
+    check_no_exact_head,
+    make_objective,
+    rng_state,
+    set_rng_state,
+)
 
 __all__ = ["StackedModels", "fit_ensemble"]
 
@@ -325,6 +331,7 @@ def fit_ensemble(
     for k, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"models[{k}] must be a torch.nn.Module, got {type(model).__name__}")
+        check_no_exact_head(model, f"models[{k}]")
     if len(likelihoods) != len(models):
         raise ValueError(
             f"likelihoods must hold one likelihood per model ({len(models)}), got "

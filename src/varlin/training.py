@@ -240,6 +240,17 @@ class SingleModel:
         set_rng_state(self.model, self.device, state, checkpointer)
 
 
+def check_no_exact_head(model: nn.Module, name: str = "model") -> None:
+    """Refuse a model with an exact last-layer head: it is fitted in closed form, and gradient
+    training would move nothing but the likelihood's noise."""
+    if any(isinstance(module, ExactLinear) for module in model.modules()):
+        raise ValueError(
+            f"{name} has an exact head (varlin.conjugate.ExactLinear), fitted in closed form, not "
+            "by fit: call model.fit_head(x, y) on the Bayesian last layer, or "
+            "bayesian_last_layer(..., method='exact', data=(x, y))"
+        )
+
+
 def fit(
     model: nn.Module,
     x: Tensor | Iterable[tuple[Tensor, Tensor]],
@@ -339,12 +350,7 @@ def fit(
     )
     seed = int(seed)
     check_validation(validation)
-    if any(isinstance(module, ExactLinear) for module in model.modules()):
-        raise ValueError(
-            "model has an exact head (varlin.conjugate.ExactLinear), fitted in closed form, not "
-            "by fit: call model.fit_head(x, y) on the Bayesian last layer, or "
-            "bayesian_last_layer(..., method='exact', data=(x, y))"
-        )
+    check_no_exact_head(model)
     if options.method == "moments":
         check_model(model)
 
