@@ -27,17 +27,19 @@ CORE_LAYERS = {
     "posteriors": 2,
     "priors": 2,
     "kl": 3,
-    "layers": 4,
-    "conv": 5,
-    "likelihoods": 5,
-    "elbo": 6,
-    "moments": 6,
+    # The one-node training step of a mean-field layer: functional's estimators, kl's sums.
+    "_fused": 4,
+    "layers": 5,
+    "conv": 6,
+    "likelihoods": 6,
+    "elbo": 7,
+    "moments": 7,
     # Below predictive and convert: its exact head (ExactLinear) is what the closed-form
     # predictive and bayesian_last_layer(method="exact") use; it needs only _validation.
-    "conjugate": 6,
-    "predictive": 7,
-    "metrics": 8,
-    "convert": 8,
+    "conjugate": 7,
+    "predictive": 8,
+    "metrics": 9,
+    "convert": 9,
 }
 OUTER_RING = {"training", "data", "plots", "cli"}
 #: Third-party packages only the outer ring may use (optional extras).

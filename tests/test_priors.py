@@ -214,6 +214,13 @@ def _kl_with_seed(layer: varlin.LinearVariationalNormal, seed: int = 5) -> torch
     return layer.kl_divergence().detach()
 
 
+def _assert_same_kl(a: torch.Tensor, b: torch.Tensor, terms: int = IN * OUT + OUT) -> None:
+    """The KL of one prior however it is held: against a one-entry prior the sum is formed by
+    other operations than against a full-size one (``varlin.kl._kl_sum_value``), so the two agree
+    to the rounding of sums of ``terms`` float32 terms, a relative ``2 * terms * eps`` at most."""
+    torch.testing.assert_close(a, b, rtol=2 * terms * torch.finfo(a.dtype).eps, atol=0)
+
+
 def _assert_same_prior(a: Distribution | None, b: Distribution | None) -> None:
     assert a is not None and b is not None and type(a) is type(b)
     assert a.batch_shape == b.batch_shape
@@ -257,7 +264,7 @@ def test_loading_restores_exactly_the_saved_prior_or_refuses(source: str, target
     dst.load_state_dict(src.state_dict())
     _assert_same_prior(src.weight_prior(), dst.weight_prior())
     _assert_same_prior(src.bias_prior(), dst.bias_prior())
-    assert torch.equal(_kl_with_seed(src), _kl_with_seed(dst))
+    _assert_same_kl(_kl_with_seed(src), _kl_with_seed(dst))
 
 
 def test_family_mismatch_names_both_priors() -> None:
@@ -291,7 +298,7 @@ def test_weight_sized_prior_loads_into_a_default_prior_model_and_back() -> None:
         for a, b in zip(*layers, strict=True):
             _assert_same_prior(a.weight_prior(), b.weight_prior())
             _assert_same_prior(a.bias_prior(), b.bias_prior())
-            assert torch.equal(a.kl_divergence(), b.kl_divergence())
+            _assert_same_kl(a.kl_divergence(), b.kl_divergence(), a.w_loc.numel() + a.out_features)
         # what was loaded is what is saved again (a scalar prior may be held broadcast)
         again = target.state_dict()
         for key, value in source.state_dict().items():
@@ -331,7 +338,7 @@ def test_state_written_without_the_family_still_loads(case: str) -> None:
     )
     dst.load_state_dict(old)  # strict: the missing family is not an error
     _assert_same_prior(src.weight_prior(), dst.weight_prior())
-    assert torch.equal(_kl_with_seed(src), _kl_with_seed(dst))
+    _assert_same_kl(_kl_with_seed(src), _kl_with_seed(dst))
 
 
 def test_family_record_follows_dtype_and_loads_across_dtypes() -> None:

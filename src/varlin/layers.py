@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
+from . import _fused, functional
 from . import _validation as V
-from . import functional
 from . import posteriors as _posteriors
 from . import priors as _priors
 from .kl import distribution_kl_sum, entropy_kl, normal_kl_sum, normal_kl_sums
@@ -296,7 +296,7 @@ class BayesianLinearBase(nn.Module):
         V.same_dtype("x", x, self.w_loc)
         return self.w_posterior.output_distribution(x, self._realise())
 
-    def _output(self, x: Tensor, t: Any = None) -> Tensor:
+    def _check_x(self, x: Tensor) -> None:
         V.floating_tensor("x", x)
         V.last_dim("x", x, self.in_features, "in_features")
         w_loc = self.w_loc
@@ -307,6 +307,13 @@ class BayesianLinearBase(nn.Module):
             )
         if V.is_validating():
             V.check_finite("x", x)
+
+    def _output(self, x: Tensor, t: Any = None) -> Tensor:
+        self._check_x(x)
+        return self._sample_checked(x, t)
+
+    def _sample_checked(self, x: Tensor, t: Any = None) -> Tensor:
+        """:meth:`_output` for a checked ``x``."""
         if self._use_mean:
             return self.w_posterior.mean_output(x, self.b_posterior)
         return self.w_posterior.sample_output(
@@ -374,10 +381,41 @@ class LinearVariationalNormal(BayesianLinearBase):
                 V.real("kl_weight", kl_weight, min_value=0.0)
         else:
             kl_weight = V.real("kl_weight", kl_weight, min_value=0.0)
+        self._check_x(x)
+        step = self._fused_step(x)
+        if step is not None:
+            return step[0], kl_weight * step[1]
         # The family's constrained tensors (softplus, factors) once per step, shared by the
         # sample and the KL (autograd adds both gradients before one softplus backward).
         t = self._realise()
-        return self._output(x, t), kl_weight * self._kl_divergence(t)
+        return self._sample_checked(x, t), kl_weight * self._kl_divergence(t)
+
+    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
+        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
+        apply."""
+        family, bias = self.w_posterior, self.b_posterior
+        if (
+            type(family) is not MeanFieldNormal
+            or self._use_mean
+            or self._num_weight_samples is not None
+            or self.w_prior.distribution_type is not Normal
+            or (self.b_prior is not None and self.b_prior.distribution_type is not Normal)
+        ):
+            return None
+        w_prior = (self.w_prior.tensor("loc"), self.w_prior.tensor("scale"))
+        checks = [(family.loc, *w_prior)]
+        b_prior = None
+        if bias is not None and self.b_prior is not None:
+            b_prior = (self.b_prior.tensor("loc"), self.b_prior.tensor("scale"))
+            checks.append((bias.loc, *b_prior))
+        if not _fused.fusable(x, family.loc, checks):
+            return None
+        return _fused.meanfield_step(
+            self.estimator, x, family.loc, family.raw_scale,
+            None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
+            w_prior, b_prior, self.generator,
+        )  # fmt: skip
 
 
 class VariationalLinear(BayesianLinearBase):
