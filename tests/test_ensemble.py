@@ -534,6 +534,35 @@ def test_stacked_moment_fits_equal_separate_fits(heteroscedastic: bool, covarian
         assert not torch.allclose(fresh[0].w_posterior.loc, model[0].w_posterior.loc)
 
 
+def test_stacked_moment_fits_draw_logits_from_the_layers_generator() -> None:
+    """Classification under method="moments": the logits of all K models are drawn from the
+    first model's layer generator under vmap, never from torch's global state: two runs from the
+    same seeds are bit-identical although the global state differs, and leave it untouched."""
+    x = torch.randn(32, 1, generator=torch.Generator().manual_seed(3))
+    y = (x[:, 0] > 0).long()
+    runs = []
+    for global_seed in (1, 2):
+        models = []
+        for k in range(2):
+            model, _ = _model(k, init_scale=0.1, generator_seed=50)
+            models.append(nn.Sequential(*model[:2], varlin.VariationalLinear(8, 2)))
+            models[-1][2].generator = model[0].generator  # one generator per model, shared
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        likelihoods = [Categorical(logit_samples=4) for _ in models]
+        histories = _quiet(
+            lambda m=models, lk=likelihoods: fit_ensemble(
+                m, x, y, likelihoods=lk, method="moments", **OPTIONS
+            )
+        )
+        assert torch.random.get_rng_state().equal(before)
+        runs.append(([_state(m, lk) for m, lk in zip(models, likelihoods, strict=True)],
+                     [_records(h) for h in histories]))  # fmt: skip
+    for got, want in zip(runs[0][0], runs[1][0], strict=True):
+        assert all(torch.equal(got[name], want[name]) for name in want)
+    assert runs[0][1] == runs[1][1]
+
+
 def test_moments_method_errors_in_fit_ensemble() -> None:
     model, lik = _model(0)
     with pytest.raises(ValueError, match="covariance='full' applies only to method='moments'"):

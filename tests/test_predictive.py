@@ -691,6 +691,35 @@ def test_moments_classification_samples_the_logits(likelihood, out: int) -> None
     torch.testing.assert_close(got.mutual_information, got.entropy - got.aleatoric)
 
 
+@pytest.mark.parametrize(("likelihood", "out"), [(Bernoulli(), 1), (Categorical(), 3)])
+def test_moments_classification_draws_from_the_layers_generator(likelihood, out: int) -> None:
+    """predict(method="moments") samples the logits from the model's layers' generator, as
+    method="mc" samples the weights: the same generator state gives bit-identical predictions
+    whatever torch's global random state, and the global state is not consumed."""
+    g = torch.Generator().manual_seed(9)
+    model = nn.Sequential(
+        varlin.VariationalLinear(3, 4, init_scale=0.5, dtype=F64, generator=g),
+        nn.ReLU(),
+        varlin.VariationalLinear(4, out, init_scale=0.5, dtype=F64, generator=g),
+    )
+    x = torch.randn(5, 3, generator=_gen(46), dtype=F64)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        g.manual_seed(10)
+        before = torch.random.get_rng_state()
+        pred = varlin.predict(model, x, likelihood=likelihood, num_samples=50, method="moments")
+        assert torch.equal(torch.random.get_rng_state(), before)
+        runs.append(_classification(pred))
+    assert torch.equal(runs[0].prob_samples, runs[1].prob_samples)
+    assert torch.equal(runs[0].probs, runs[1].probs)
+    # the draws advance the layers' generator: the next call sees other logits
+    after = _classification(
+        varlin.predict(model, x, likelihood=likelihood, num_samples=50, method="moments")
+    )
+    assert not torch.equal(after.prob_samples, runs[1].prob_samples)
+
+
 def test_moments_chunks_and_full_covariance_agree() -> None:
     model = _hidden_model(1, seed=3)
     x = torch.randn(10, 3, generator=_gen(45), dtype=F64)

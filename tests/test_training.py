@@ -710,6 +710,27 @@ def test_moments_fit_is_deterministic_and_learns() -> None:
     assert val[-1] < val[0]
 
 
+def test_moments_fit_classification_draws_from_the_layers_generator() -> None:
+    """The logits sampled under method="moments" (training and the validation predictive) come
+    from the layers' generator: two fits from the same seeds are bit-identical although torch's
+    global random state differs between them, and neither consumes the global state."""
+    data = make_two_moons(48, noise=0.2, seed=2)
+    runs = []
+    for global_seed in (1, 2):
+        model = _mlp([2, 8, 2], generator=torch.Generator().manual_seed(4))  # init from it too
+        lik = Categorical(logit_samples=8)
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        history = varlin.fit(
+            model, data.x, data.y, likelihood=lik, epochs=3, batch_size=16, progress=False,
+            method="moments", validation=(data.x, data.y), val_samples=8, seed=0,
+        )  # fmt: skip
+        assert torch.equal(torch.random.get_rng_state(), before)
+        runs.append((_state(model, lik), _records(history)))
+    _assert_equal_states(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
 def test_moments_fit_bad_arguments() -> None:
     x, y = torch.randn(8, 2), torch.randn(8)
     model = nn.Sequential(varlin.VariationalLinear(2, 1))

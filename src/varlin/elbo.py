@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
@@ -87,6 +88,7 @@ class ELBO(nn.Module):
         *,
         beta: float | None = None,
         samples: bool = False,
+        generator: torch.Generator | None = None,
     ) -> ELBOTerms:
         """The loss and its parts.
 
@@ -101,6 +103,9 @@ class ELBO(nn.Module):
             beta: overrides the constructor's KL weight for this call (a warm-up or annealing
                 schedule passes its current value here).
             samples: whether ``output`` stacks Monte Carlo samples in a leading dimension.
+            generator: the source of the draws of a likelihood that samples under a Gaussian
+                ``output`` (the logits of a classification likelihood); ``None`` uses torch's
+                default generator.
 
         Raises:
             ValueError: ``kl`` is not 0-dim (a per-layer or per-weight KL must be summed first).
@@ -115,7 +120,9 @@ class ELBO(nn.Module):
             V.check_finite("kl", kl)
             if isinstance(output, Tensor):
                 V.check_finite("output", output)
-        ell = self.likelihood.expected_log_prob(output, target, samples=samples)
+        ell = self.likelihood.expected_log_prob(
+            output, target, samples=samples, generator=generator
+        )
         nll = -ell.mean()
         kl_term = kl * (beta / self.num_data)
         return ELBOTerms(loss=nll + kl_term, nll=nll, kl=kl, kl_term=kl_term)
@@ -128,9 +135,10 @@ class ELBO(nn.Module):
         *,
         beta: float | None = None,
         samples: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """``terms(...).loss``: the value to minimise (see :meth:`terms`)."""
-        return self.terms(output, target, kl, beta=beta, samples=samples).loss
+        return self.terms(output, target, kl, beta=beta, samples=samples, generator=generator).loss
 
     def extra_repr(self) -> str:
         return f"num_data={self.num_data}, beta={self.beta:g}"

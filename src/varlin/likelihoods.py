@@ -16,12 +16,18 @@ needs:
       \mathbb E_{f\sim\mathcal N(m, v)}\big[\log\mathcal N(y; f, \sigma^2)\big]
       = \log\mathcal N(y; m, \sigma^2) - \frac{v}{2\sigma^2}.
 
+Randomness: the only draws a likelihood makes are those of a classification likelihood's logits
+from a Gaussian output (their ``sample_logits``); they come from the ``generator`` passed in
+(``None``: torch's default generator).
+
 Shapes follow one convention: a trailing output dimension of size 1 is the scalar target of an
 example, so a model output ``(N, 1)`` pairs with targets ``(N,)`` for :class:`Gaussian` and
 :class:`Bernoulli`, and ``likelihood(output)`` is a distribution with batch shape ``(N,)``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +81,40 @@ def _noise_floor(scale: Tensor) -> Tensor:
 _GAUSSIAN_OUTPUTS = (Normal, MultivariateNormal, LowRankMultivariateNormal)
 
 
+def _check_generator(generator: Any) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {V.describe(generator)}")
+    return generator
+
+
+def _gaussian_draws(
+    output: Distribution, num_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    """``num_samples`` reparameterized draws ``(S, *batch, *event)`` from a Gaussian output.
+
+    Written out rather than ``output.rsample``, which takes no generator: the same affine maps
+    of standard normals (``loc + scale * eps``, ``loc + L eps``, ``loc + F eps_w + sqrt(d) eps_d``)
+    with the noise drawn from ``generator``.
+    """
+    loc = output.mean
+
+    def normals(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
+
+    shape = (num_samples, *output.batch_shape, *output.event_shape)
+    eps = normals(*shape)
+    if isinstance(output, Normal):
+        return output.loc + eps * output.scale
+    if isinstance(output, MultivariateNormal):
+        return loc + (output.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    if isinstance(output, LowRankMultivariateNormal):
+        factor = output.cov_factor
+        eps_w = normals(*shape[:-1], factor.shape[-1])
+        low_rank = (factor @ eps_w.unsqueeze(-1)).squeeze(-1)
+        return loc + low_rank + output.cov_diag.sqrt() * eps
+    raise TypeError(f"no Gaussian draws from a {type(output).__name__}")  # pragma: no cover
+
+
 def _per_example(log_prob: Tensor) -> Tensor:
     """Sum a log density over every dimension after the first (the examples), ``-> (N,)``."""
     return log_prob.reshape(log_prob.shape[0], -1).sum(-1) if log_prob.dim() > 1 else log_prob
@@ -107,7 +147,12 @@ class Likelihood(nn.Module):
         return self(output).log_prob(target)
 
     def expected_log_prob(
-        self, output: Tensor | Distribution, target: Tensor, *, samples: bool = False
+        self,
+        output: Tensor | Distribution,
+        target: Tensor,
+        *,
+        samples: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         r"""Per-example :math:`\mathbb E_q[\log p(y_n\mid f_n)]`, shape ``(N,)``.
 
@@ -118,10 +163,15 @@ class Likelihood(nn.Module):
                 over the output (closed form).
             target: the targets of the ``N`` examples.
             samples: whether ``output`` has a leading dimension of Monte Carlo samples.
+            generator: where the draws come from when the expectation under a Gaussian
+                ``output`` is estimated by sampling (the logits of :class:`Bernoulli` and
+                :class:`Categorical`); ``None`` uses torch's default generator. Nothing else
+                draws.
 
         Returns:
             The log density of each example, summed over its target dimensions, ``(N,)``.
         """
+        generator = _check_generator(generator)
         if isinstance(output, Distribution):
             if not isinstance(output, _GAUSSIAN_OUTPUTS):
                 raise TypeError(
@@ -136,7 +186,7 @@ class Likelihood(nn.Module):
                 )
             if not isinstance(target, Tensor):
                 raise TypeError(f"target must be a torch.Tensor, got {V.describe(target)}")
-            return self._gaussian_expected_log_prob(output, target)
+            return self._gaussian_expected_log_prob(output, target, generator)
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be a torch.Tensor, got {V.describe(output)}")
         if not isinstance(target, Tensor):
@@ -157,9 +207,12 @@ class Likelihood(nn.Module):
         flat_target = target.expand(s, *target.shape).reshape(s * n, *target.shape[1:])
         return _per_example(self._log_prob(flat_out, flat_target)).reshape(s, n).mean(0)
 
-    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+    def _gaussian_expected_log_prob(
+        self, output: Distribution, target: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """:meth:`expected_log_prob` for a Gaussian over the model's outputs (a propagated or
-        closed-form output, :func:`varlin.moments.propagate`); per likelihood."""
+        closed-form output, :func:`varlin.moments.propagate`); per likelihood. ``generator``
+        serves a likelihood that estimates the expectation by sampling."""
         raise TypeError(
             f"{type(self).__name__} has no closed-form expected log-likelihood for a "
             f"{type(output).__name__} output; pass a sampled output tensor"
@@ -257,7 +310,9 @@ class Gaussian(Likelihood):
         scale = self._scale_like(mean)
         return Normal(mean, scale.expand(mean.shape), validate_args=False).log_prob(target)
 
-    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+    def _gaussian_expected_log_prob(
+        self, output: Distribution, target: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         # A Normal output, or a (low-rank) multivariate Normal over the last dimension (a head
         # whose posterior correlates its outputs): with independent noise only the marginal
         # variances enter the expectation.
@@ -351,7 +406,9 @@ class HeteroscedasticGaussian(Likelihood):
         scales = _noise_floor(F.softplus(raw) + self.min_scale)
         return means, residual, scales, weights
 
-    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
+    def _gaussian_expected_log_prob(
+        self, output: Distribution, target: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         r""":math:`\sum_k w_k\,[\log\mathcal N(y; E[\mu\mid\rho_k], \sigma_k^2) -
         r/(2\sigma_k^2)]` (:meth:`noise_quadrature`): exact for the Gaussian over
         :math:`\mu` given :math:`\rho`, Gauss–Hermite over :math:`\rho`."""
@@ -372,9 +429,10 @@ class _LogitSampling(Likelihood):
     r"""Classification likelihoods: the expected log-likelihood under a Gaussian over the logits
     (a propagated output) by Monte Carlo over the logits only.
 
-    ``logit_samples`` draws of the logits from the Gaussian (torch's default generator,
-    reparameterized): an unbiased estimate of :math:`E[\log p(y\mid f)]` under that Gaussian,
-    at the cost of ``logit_samples x N x C`` numbers, no network pass.
+    ``logit_samples`` reparameterized draws of the logits from the Gaussian
+    (:meth:`sample_logits`, from the ``generator`` of :meth:`~Likelihood.expected_log_prob`):
+    an unbiased estimate of :math:`E[\log p(y\mid f)]` under that Gaussian, at the cost of
+    ``logit_samples x N x C`` numbers, no network pass.
     """
 
     task = "classification"
@@ -383,8 +441,38 @@ class _LogitSampling(Likelihood):
         super().__init__()
         self.logit_samples = V.positive_int("logit_samples", logit_samples)
 
-    def _gaussian_expected_log_prob(self, output: Distribution, target: Tensor) -> Tensor:
-        logits = output.rsample((self.logit_samples,))
+    def sample_logits(
+        self,
+        output: Distribution,
+        num_samples: int,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Reparameterized draws of the logits from a Gaussian over them.
+
+        Args:
+            output: a :class:`~torch.distributions.Normal`, ``MultivariateNormal`` or
+                ``LowRankMultivariateNormal`` over the model's outputs (a propagated output,
+                :func:`varlin.moments.propagate`).
+            num_samples: the number of draws ``S`` (>= 1).
+            generator: the source of the draws; ``None`` uses torch's default generator.
+
+        Returns:
+            The logits ``(S, *output.batch_shape, *output.event_shape)``, differentiable in
+            the Gaussian's parameters.
+        """
+        if not isinstance(output, _GAUSSIAN_OUTPUTS):
+            raise TypeError(
+                "output must be a Normal, MultivariateNormal or LowRankMultivariateNormal over "
+                f"the logits, got {V.describe(output)}"
+            )
+        num_samples = V.positive_int("num_samples", num_samples)
+        return _gaussian_draws(output, num_samples, _check_generator(generator))
+
+    def _gaussian_expected_log_prob(
+        self, output: Distribution, target: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        logits = self.sample_logits(output, self.logit_samples, generator=generator)
         return self.expected_log_prob(logits, target, samples=True)
 
     def extra_repr(self) -> str:
@@ -399,6 +487,9 @@ class Bernoulli(_LogitSampling):
     Args:
         logit_samples: draws of the logit from a Gaussian output (moment propagation,
             :func:`varlin.moments.propagate`) for the expected log-likelihood.
+
+    ``sample_logits(output, num_samples, generator=None)`` draws the logits from a Gaussian
+    output (``(S, *output.batch_shape)``), from ``generator`` (``None``: torch's default one).
     """
 
     def _logits(self, output: Tensor) -> Tensor:
@@ -432,6 +523,10 @@ class Categorical(_LogitSampling):
     Args:
         logit_samples: draws of the logits from a Gaussian output (moment propagation,
             :func:`varlin.moments.propagate`) for the expected log-likelihood.
+
+    ``sample_logits(output, num_samples, generator=None)`` draws the logits from a Gaussian
+    output (``(S, N, C)`` for one over ``(N, C)``), from ``generator`` (``None``: torch's
+    default one).
     """
 
     def check_target(self, output: Tensor, target: Tensor) -> Tensor:

@@ -40,6 +40,10 @@ variances on the diagonal.
 
 Anything else raises a one-line error naming the module type.
 
+Randomness: propagation draws nothing. What the moment path samples downstream (the logits of a
+classification likelihood, in ``fit(method="moments")`` and ``predict(method="moments")``) comes
+from :func:`noise_generator`: the model's own generator, as its weight noise would.
+
 References:
     A. Wu, S. Nowozin, E. Meeds, R. E. Turner, J. M. Hernández-Lobato, A. L. Gaunt.
     Deterministic variational inference for robust Bayesian neural networks. ICLR 2019.
@@ -77,6 +81,7 @@ __all__ = [
     "COVARIANCES",
     "SUPPORTED",
     "check_model",
+    "noise_generator",
     "propagate",
     "relu_moments",
     "relu_covariance",
@@ -471,6 +476,21 @@ def check_model(model: nn.Module) -> None:
             "uncertainty to propagate (pass a Normal over x to propagate input noise)"
         )
     _check_supported(model)
+
+
+def noise_generator(model: nn.Module) -> torch.Generator | None:
+    """The generator that the draws around moment propagation come from: that of ``model``'s
+    first variational layer holding one, or ``None`` (torch's default generator) if none does.
+
+    Propagation samples no weight; the logits of a classification likelihood are sampled from
+    the propagated Gaussian (in training and in prediction) from the same source the layers'
+    weight noise comes from under ``method="mc"``, so that a model whose layers hold a seeded
+    generator trains and predicts the same whatever torch's global random state.
+    """
+    for layer in variational_layers(model):
+        if layer.generator is not None:
+            return layer.generator
+    return None
 
 
 # -- the entry point ----------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from .conjugate import ExactLinear
 from .conv import BayesianConvBase
 from .layers import BayesianLinearBase, variational_layers, weight_samples
 from .likelihoods import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, Likelihood
-from .moments import COVARIANCES, propagate
+from .moments import COVARIANCES, noise_generator, propagate
 
 __all__ = ["predict", "RegressionPrediction", "ClassificationPrediction"]
 
@@ -531,8 +531,11 @@ def _moments(
     out = _propagated(model, x, covariance, size)
     if isinstance(likelihood, (Bernoulli, Categorical)):
         # The stated approximation: the predictive's probabilities, entropy and mutual
-        # information from samples of the logits only (no weight sample, no network pass).
-        return _summarise(out.rsample((num_samples,)), likelihood)
+        # information from samples of the logits only (no weight sample, no network pass),
+        # drawn from the model's generator as its weight samples are under method="mc".
+        generator = noise_generator(model)
+        logits = likelihood.sample_logits(out, num_samples, generator=generator)
+        return _summarise(logits, likelihood)
     if isinstance(likelihood, HeteroscedasticGaussian):
         means, residual, scales, weights = likelihood.noise_quadrature(out)
         noise = scales * scales
@@ -608,7 +611,10 @@ def predict(
     mixture (``sample_weights``) whose ``epistemic`` part is the mean's variance and
     ``aleatoric`` part :math:`E[\sigma^2]`. For classification, ``num_samples`` draws of the
     *logits* from the propagated Gaussian give the probabilities, the entropy and the mutual
-    information (the stated approximation: no weight is sampled and the network runs once).
+    information (the stated approximation: no weight is sampled and the network runs once),
+    drawn from the generator of the model's variational layers
+    (:func:`varlin.moments.noise_generator`; torch's default one when they hold none), the
+    source of their weight samples under ``"mc"``.
 
     Returns:
         :class:`RegressionPrediction` or :class:`ClassificationPrediction`.

@@ -45,7 +45,7 @@ from .history import History
 from .layers import kl_divergence, variational_layers
 from .likelihoods import Likelihood
 from .loop import DataParallelHooks, FitOptions, run
-from .moments import check_model, propagate
+from .moments import check_model, noise_generator, propagate
 
 __all__ = [
     "fit",
@@ -94,8 +94,10 @@ class MomentObjective(Objective):
     The expected log-likelihood is taken under the Gaussian over the outputs that
     :func:`varlin.moments.propagate` pushes through the model (Wu et al. 2019): in closed form
     for Gaussian likelihoods (by quadrature over a heteroscedastic scale), so the loss and its
-    gradient carry no sampling noise; by sampling the logits only for classification. The KL is
-    the model's, as for :class:`Objective`.
+    gradient carry no sampling noise; by sampling the logits only for classification, from the
+    model's layers' generator (:func:`varlin.moments.noise_generator`; torch's default one when
+    no layer holds one), as their weight noise is drawn under ``method="mc"``. The KL is the
+    model's, as for :class:`Objective`.
 
     Args:
         model: a model :func:`varlin.moments.propagate` supports.
@@ -109,6 +111,11 @@ class MomentObjective(Objective):
 
     def output(self, x: Tensor) -> Distribution:
         return propagate(self.model, x, covariance=self.covariance)
+
+    def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
+        kl = kl_divergence(self.model)
+        generator = noise_generator(self.model)
+        return self.elbo.terms(self.output(x), y, kl, beta=beta, generator=generator)
 
 
 #: The values of ``fit``'s ``method``: the Monte Carlo ELBO, or the moment-propagation one.
@@ -303,7 +310,8 @@ def fit(
             as if it had not been interrupted (same seed, same device).
         resume: load ``checkpoint`` if it exists (``False``: start over and overwrite it).
         seed: seeds the shuffling generator (the layers' noise comes from their own generators,
-            or torch's default one, whose state the checkpoint also saves).
+            or torch's default one, whose state the checkpoint also saves; so do the logits
+            sampled under ``method="moments"`` for a classification likelihood).
         progress: show a tqdm progress bar with the per-datum ELBO, the NLL and the KL.
         method: ``"mc"``: the expected log-likelihood from the model's sampled output (its
             layers' estimators); ``"moments"``: from the Gaussian over the outputs that
