@@ -102,6 +102,17 @@ class _MeanFieldStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         scale = positive_scale(raw)
         b_scale = None if b_raw is None else positive_scale(b_raw)
+        # The KL first, while the scales just written are in the cache.
+        groups = [(loc, scale, p_loc, p_scale)]
+        if b_loc is not None:
+            assert b_scale is not None and p_b_loc is not None and p_b_scale is not None
+            groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
+        ctx.scalars = [_prior_scalars(g[2], g[3]) for g in groups]
+        kl: Tensor | None = None
+        for group, scalars in zip(groups, ctx.scalars, strict=True):
+            value = _kl_sum_value(*group, scalars)
+            kl = value if kl is None else kl + value
+        assert kl is not None
         x2d = x.reshape(-1, x.shape[-1])
         rand: dict[str, Any] = {"device": loc.device, "dtype": loc.dtype}
         if generator is not None:
@@ -140,16 +151,6 @@ class _MeanFieldStep(torch.autograd.Function):
             xs = x2d * sign_in
             y = torch.addcmul(mean, _affine(xs, delta_w, delta_b), sign_out)
             saved = (eps, delta_w, xs, sign_in, sign_out)
-        groups = [(loc, scale, p_loc, p_scale)]
-        if b_loc is not None:
-            assert b_scale is not None and p_b_loc is not None and p_b_scale is not None
-            groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
-        ctx.scalars = [_prior_scalars(g[2], g[3]) for g in groups]
-        kl: Tensor | None = None
-        for group, scalars in zip(groups, ctx.scalars, strict=True):
-            value = _kl_sum_value(*group, scalars)
-            kl = value if kl is None else kl + value
-        assert kl is not None
         ctx.code = code
         ctx.x_shape = x.shape
         ctx.save_for_backward(

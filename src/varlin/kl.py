@@ -96,12 +96,13 @@ def _kl_sum_value(
 
     .. math::
         \sum_i\big(r_i^2 - 1 - 2\log r_i\big) = \frac{\sum t^2 + 2s\sum t}{s^2}
-        - 2\Big(\sum\log\sigma - n\log s\Big),
+        - 2\sum\log r_i,
         \qquad \sum_i \Big(\frac{\mu_i - m}{s}\Big)^2,
 
-    each sum torch's cascade summation (as accurate as the elementwise form's one sum), two
-    weight-sized temporaries instead of five and no ``expm1`` (not vectorised on the CPU); the
-    first sum, :math:`\ge 0` exactly, is clamped at 0 against rounding. Otherwise the
+    each sum torch's cascade summation (as accurate as the elementwise form's one sum), combined
+    in double precision; two weight-sized temporaries instead of five and no ``expm1`` (not
+    vectorised on the CPU). The first sum, :math:`\ge 0` exactly, is clamped at 0 against
+    rounding. Otherwise the
     elementwise :func:`normal_kl`, summed.
     """
     if scalars is None:
@@ -111,25 +112,23 @@ def _kl_sum_value(
         shift = torch.sub(q_loc, p_loc).div_(p_scale)
         return spread.add_(shift.mul_(shift)).sum() * 0.5
     m, s = scalars
-    n = q_scale.numel()
     t = torch.sub(q_scale, s)
-    sum_t = t.sum()
-    spread = t.mul_(t).sum()
-    if s != 1.0:
-        spread = spread.add_(sum_t, alpha=2 * s).div_(s * s)
-    else:
-        spread = spread.add_(sum_t, alpha=2)
+    sum_t = float(t.sum())
+    sum_t2 = float(t.mul_(t).sum())
     logs = torch.log(q_scale)  # the temporary is reused for the shift below
-    spread = spread.sub_(logs.sum(), alpha=2)
     if s != 1.0:
-        spread = spread.add_(2 * n * math.log(s))
+        # log r per weight before summing, as normal_kl: near the prior each term is ~0, where
+        # sum(log sigma) - n log s would lose the sum's rounding of n |log s|.
+        logs.sub_(math.log(s))
+    sum_log = float(logs.sum())
     if m == 0.0:
-        shift = torch.mul(q_loc, q_loc, out=logs).sum()
+        sum_shift = float(torch.mul(q_loc, q_loc, out=logs).sum())
     else:
-        shift = torch.sub(q_loc, m, out=logs).square_().sum()
-    if s != 1.0:
-        shift = shift.div_(s * s)
-    return spread.clamp_min_(0).add_(shift).mul_(0.5)
+        sum_shift = float(torch.sub(q_loc, m, out=logs).square_().sum())
+    # The four sums combined as Python floats (double precision): 0-dim tensor ops cost more.
+    sum_spread = (sum_t2 + 2 * s * sum_t) / (s * s) - 2 * sum_log
+    value = 0.5 * (max(sum_spread, 0.0) + sum_shift / (s * s))
+    return torch.tensor(value, dtype=q_scale.dtype)
 
 
 def _kl_sum_grads(
