@@ -975,16 +975,35 @@ def run_mc(
         assert batched().shape == separate().shape
         calls[f"{estimator}.batched"] = batched
         calls[f"{estimator}.separate"] = separate
+
+    def noise_floor() -> Tensor:
+        """What any batched call of reparameterization or flipout must do: draw the samples'
+        in×out normals and run one GEMM per sample, as plain torch calls."""
+        with torch.no_grad():
+            weights = torch.randn(MC_SAMPLES, d, d, device=device)
+            return torch.bmm(x.expand(MC_SAMPLES, *x.shape), weights)
+
+    calls["floor"] = noise_floor
     repeat = _calibrate(calls["reparameterization.separate"], timer, min_seconds)
     timed = _interleave(
         calls,
         {k: (lambda: None) for k in calls},
-        {k: k.rsplit(".", 1)[0] + ".separate" for k in calls},
+        {
+            k: ("reparameterization" if k == "floor" else k.rsplit(".", 1)[0]) + ".separate"
+            for k in calls
+        },  # fmt: skip
         timer,
         rounds,
         repeat,
     )
-    result: dict[str, Any] = {"in_features": d, "batch": batch, "samples": MC_SAMPLES}
+    result: dict[str, Any] = {
+        "in_features": d,
+        "batch": batch,
+        "samples": MC_SAMPLES,
+        # the noise floor's time, and the most a batched call could gain over separate calls
+        "floor_ms": timed["floor"]["median_ms"],
+        "max_speedup": 1.0 / timed["floor"]["ratio"],
+    }
     for estimator in VARLIN_ESTIMATORS:
         b, s = timed[f"{estimator}.batched"], timed[f"{estimator}.separate"]
         result[estimator] = {
@@ -1325,6 +1344,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| varlin {estimator} | {e['batched_ms']:.3f} | {e['separate_ms']:.3f} | "
                 f"{e['speedup']:.2f}× |"
             )
+        if "floor_ms" in mc:
+            lines += [
+                f"| floor: {mc['samples']} in×out normal draws and {mc['samples']} GEMMs "
+                f"(vs 32 separate reparameterization calls) | {mc['floor_ms']:.3f} | "
+                f"{mc['reparameterization']['separate_ms']:.3f} | {mc['max_speedup']:.2f}× |",
+                "",
+                "The floor row is the least a batched call of reparameterization or flipout can "
+                "do (each sample needs its own in×out normals and its own GEMM), so its speed-up "
+                "is the most batching can give those two estimators on this machine.",
+            ]
         lines.append("")
     targets = evaluate_targets(results)  # from the measurements, also for older JSON files
     if targets:
@@ -1378,33 +1407,33 @@ _REASONS = {
         "way) and the split of [W; b]"
     ),
     ("mc", "varlin.reparameterization"): (
-        "32 independent weight samples need 32×in×out normals whether drawn in one call or in "
-        "32; batching saves the per-call overhead and 31 softplus passes, not the random "
-        "numbers, which dominate at this size"
+        "32 independent weight samples need 32×in×out normals and 32 GEMMs whether drawn in "
+        "one call or in 32; batching saves the per-call overhead and 31 softplus passes, not "
+        "the random numbers and the products, and the floor row under the MC table (those "
+        "alone, as plain torch calls) bounds the speed-up below the target on this machine"
     ),
     ("mc", "varlin.flipout"): (
         "as reparameterization: each of the 32 slices needs its own in×out perturbation (one "
-        "shared draw would make a slice's samples share it), so the normals are the same in "
-        "both forms"
+        "shared draw would make a slice's samples share it) and its own GEMM, so the floor row "
+        "under the MC table bounds it too"
     ),
 }
 # What separates each estimator from its floor (issue 17), from the profile (speed_profile.md).
 _ABOVE_FLOOR = (
-    "per call, the layer checks its arguments and records an autograd graph (about 20 nodes, "
-    "with two hand-written backward functions) where the floor calls its ops directly, which "
-    "counts most at 256; the KL's value keeps the per-element form "
-    "expm1(2 log σ) − 2 log σ + μ² (exact near σ = 1, and pinned bit for bit by the tests), "
-    "about 8 passes over in×out where the floor's Σσ² + Σμ² − n − 2 Σ log σ needs one log and "
-    "three reductions, and `expm1` is not vectorised in this CPU build (7× the time of `exp`); "
-    "autograd adds the sample's and the KL's gradients of each tensor in one more pass each, "
-    "where the floor adds in place; and the scale's floor at `tiny` is one more pass"
+    "the layer's step is one autograd node with a hand-written backward (varlin._fused), so "
+    "what is left is per call: the argument checks and the module call, the autograd graph of "
+    "the loss (the layer's node, MSE, the KL's weight and the sum; the floor writes the loss's "
+    "gradient by hand), zero_grad and the gradients' accumulation, about 0.1-0.2 ms, which "
+    "counts at 256 and vanishes by 2048; and per weight: the scale's floor at `tiny` (one "
+    "pass) and the KL's sums over t = σ − s (one temporary and two reductions more than the "
+    "floor's Σσ² − n, which loses the KL's digits near the prior)"
 )
 _REASONS.update({
     ("floor", "varlin.reparameterization"): _ABOVE_FLOOR,
     ("floor", "varlin.flipout"): _ABOVE_FLOOR,
     ("floor", "varlin.local"): _ABOVE_FLOOR + (
         "; the local estimator's variance is clamped at `tiny` before the square root, and its "
-        "backward masks the clamped entries (three batch×out passes the floor skips)"
+        "backward masks the clamped entries (two batch×out passes the floor skips)"
     ),
     ("lead", "varlin.reparameterization"): (
         "every reparameterization layer does the same arithmetic (two GEMMs, in×out normals, "
