@@ -127,3 +127,64 @@ def test_cases_the_fused_step_does_not_serve_take_the_op_by_op_path() -> None:
     half = varlin.LinearVariationalNormal(4, 3, dtype=torch.float16)
     y, kl = half(x.half())
     assert type(y.grad_fn).__name__ != "_MeanFieldStepBackward" and kl.dtype == torch.float32
+
+
+def _model(seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    shared = varlin.VariationalLinear(4, 4, generator=g, estimator="flipout")
+    return torch.nn.ModuleDict({
+        "first": varlin.VariationalLinear(3, 4, generator=g),
+        "shared": shared,  # called twice: two samples, one KL
+        "lowrank": varlin.VariationalLinear(4, 4, posterior="lowrank", rank=1, generator=g),
+        # another prior (its KL closed form through torch's registry, not the one-node step)
+        "laplace": varlin.VariationalLinear(4, 2, make_weights_prior=priors.laplace(), generator=g),
+        "unused": varlin.VariationalLinear(2, 2, generator=g),
+    })  # fmt: skip
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h = torch.relu(model["first"](x))
+    h = model["shared"](torch.relu(model["shared"](h)))
+    return model["laplace"](model["lowrank"](h))
+
+
+def test_recording_kl_gives_the_models_kl_bit_for_bit_and_the_same_gradients() -> None:
+    """The KL recorded with the outputs is ``kl_divergence(model)``: the same value, and (with the
+    noise reseeded) the same output and gradients to rounding; every other layer (another family
+    or prior, one not called) is computed by the function; recording ends with the block."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+
+    def run(record: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model = _model(0)  # every layer's noise from one seeded generator
+        if record:
+            with varlin.layers.recording_kl(model) as kl_of:
+                y = _forward(model, x)
+            kl = kl_of()
+            assert all(layer._kl_record is None for layer in varlin.variational_layers(model))
+        else:
+            y = _forward(model, x)
+            kl = varlin.kl_divergence(model)
+        loss = y.square().mean() + kl / 100
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        return y.detach(), kl.detach(), [torch.zeros(()) if g is None else g for g in grads]
+
+    y, kl, grads = run(True)
+    y_ref, kl_ref, grads_ref = run(False)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(kl, kl_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_recording_kl_keeps_one_kl_per_layer_and_what_the_fused_step_returned() -> None:
+    model = _model(0)
+    x = torch.randn(5, 3)
+    with varlin.layers.recording_kl(model) as kl_of:
+        _forward(model, x)
+        records = {name: layer._kl_record for name, layer in model.items()}
+    assert records["shared"] is not None and len(records["shared"]) == 2
+    assert records["first"] is not None and len(records["first"]) == 1
+    assert records["lowrank"] == [] and records["laplace"] == [] and records["unused"] == []
+    assert type(records["first"][0].grad_fn).__name__ == "_MeanFieldStepBackward"
+    total = kl_of()
+    torch.testing.assert_close(total, varlin.kl_divergence(model), rtol=0, atol=0)

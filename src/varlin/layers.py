@@ -14,7 +14,7 @@ as the family allows. They differ only in what ``forward`` returns:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -147,6 +147,8 @@ class BayesianLinearBase(nn.Module):
         # Sampling state, changed only by the context managers below and restored by them.
         self._use_mean = False
         self._num_weight_samples: int | None = None
+        # Set by recording_kl: the KLs this layer computed along with its outputs.
+        self._kl_record: list[Tensor] | None = None
         self.reset_parameters()
 
     # -- parameters -------------------------------------------------------------------------
@@ -324,6 +326,33 @@ class BayesianLinearBase(nn.Module):
             num_weight_samples=self._num_weight_samples,
         )
 
+    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
+        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
+        apply."""
+        family, bias = self.w_posterior, self.b_posterior
+        if (
+            type(family) is not MeanFieldNormal
+            or self._use_mean
+            or self._num_weight_samples is not None
+            or self.w_prior.distribution_type is not Normal
+            or (self.b_prior is not None and self.b_prior.distribution_type is not Normal)
+        ):
+            return None
+        w_prior = (self.w_prior.tensor("loc"), self.w_prior.tensor("scale"))
+        checks = [(family.loc, *w_prior)]
+        b_prior = None
+        if bias is not None and self.b_prior is not None:
+            b_prior = (self.b_prior.tensor("loc"), self.b_prior.tensor("scale"))
+            checks.append((bias.loc, *b_prior))
+        if not _fused.fusable(x, family.loc, checks):
+            return None
+        return _fused.meanfield_step(
+            self.estimator, x, family.loc, family.raw_scale,
+            None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
+            w_prior, b_prior, self.generator,
+        )  # fmt: skip
+
     def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None = None) -> None:
         """Set every weight's (bias's) posterior standard deviation, correlations at or near 0.
 
@@ -384,38 +413,13 @@ class LinearVariationalNormal(BayesianLinearBase):
         self._check_x(x)
         step = self._fused_step(x)
         if step is not None:
+            if self._kl_record is not None:
+                self._kl_record.append(step[1])
             return step[0], kl_weight * step[1]
         # The family's constrained tensors (softplus, factors) once per step, shared by the
         # sample and the KL (autograd adds both gradients before one softplus backward).
         t = self._realise()
         return self._sample_checked(x, t), kl_weight * self._kl_divergence(t)
-
-    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
-        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
-        apply."""
-        family, bias = self.w_posterior, self.b_posterior
-        if (
-            type(family) is not MeanFieldNormal
-            or self._use_mean
-            or self._num_weight_samples is not None
-            or self.w_prior.distribution_type is not Normal
-            or (self.b_prior is not None and self.b_prior.distribution_type is not Normal)
-        ):
-            return None
-        w_prior = (self.w_prior.tensor("loc"), self.w_prior.tensor("scale"))
-        checks = [(family.loc, *w_prior)]
-        b_prior = None
-        if bias is not None and self.b_prior is not None:
-            b_prior = (self.b_prior.tensor("loc"), self.b_prior.tensor("scale"))
-            checks.append((bias.loc, *b_prior))
-        if not _fused.fusable(x, family.loc, checks):
-            return None
-        return _fused.meanfield_step(
-            self.estimator, x, family.loc, family.raw_scale,
-            None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
-            w_prior, b_prior, self.generator,
-        )  # fmt: skip
 
 
 class VariationalLinear(BayesianLinearBase):
@@ -429,7 +433,15 @@ class VariationalLinear(BayesianLinearBase):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._output(x)
+        if self._kl_record is None:
+            return self._output(x)
+        # Inside recording_kl: the output and the KL in one step, the KL kept for the caller.
+        self._check_x(x)
+        step = self._fused_step(x)
+        if step is None:
+            return self._sample_checked(x)
+        self._kl_record.append(step[1])
+        return step[0]
 
 
 def variational_layers(model: nn.Module) -> Iterator[BayesianLinearBase]:
@@ -454,6 +466,41 @@ def kl_divergence(model: nn.Module) -> Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return total
+
+
+@contextlib.contextmanager
+def recording_kl(model: nn.Module) -> Iterator[Callable[[], Tensor]]:
+    """Inside the block, layers keep the KL they compute with their output; the function yielded
+    returns :func:`kl_divergence` of ``model``, the same value, bit for bit.
+
+    A mean-field layer with Normal priors computes its output and its KL in one step (one
+    softplus, one autograd node); recording that KL spares :func:`kl_divergence` a second pass
+    over the layer's parameters. A layer that recorded nothing (another family or prior, a
+    layer not called, ``torch.func`` transforms) has its KL computed by the function, in module
+    order as :func:`kl_divergence` adds them. Call the function after the forward pass, inside
+    the block or after it.
+    """
+    layers = list(variational_layers(model))
+    saved = [layer._kl_record for layer in layers]
+    records: list[list[Tensor]] = [[] for _ in layers]
+
+    def total() -> Tensor:
+        kl: Tensor | None = None
+        for layer, record in zip(layers, records, strict=True):
+            # A layer called twice drew two samples but has one KL.
+            value = record[0] if record else layer.kl_divergence()
+            kl = value if kl is None else kl + value
+        if kl is None:
+            return kl_divergence(model)
+        return kl
+
+    try:
+        for layer, record in zip(layers, records, strict=True):
+            layer._kl_record = record
+        yield total
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            layer._kl_record = old
 
 
 @contextlib.contextmanager

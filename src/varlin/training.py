@@ -42,7 +42,7 @@ from .diagnostics import diagnose as _diagnose  # noqa: F401  (its former home; 
 from .elbo import ELBO, ELBOTerms
 from .errors import CheckpointError, NonFiniteLossError, VarlinWarning
 from .history import History
-from .layers import kl_divergence, variational_layers
+from .layers import kl_divergence, recording_kl, variational_layers
 from .likelihoods import Likelihood
 from .loop import DataParallelHooks, FitOptions, run
 from .moments import check_model, noise_generator, propagate
@@ -71,7 +71,8 @@ class Objective(nn.Module):
     (:class:`SingleModel` calls it) and for several (:mod:`varlin.ensemble` calls it through
     :func:`torch.func.functional_call` under :func:`torch.func.vmap`). A model returning
     ``(y, kl)`` (the seed's layer) is accepted; the KL used is always
-    :func:`varlin.kl_divergence` of the model.
+    :func:`varlin.kl_divergence` of the model (recorded with the output where a layer computes
+    both in one step, :func:`varlin.layers.recording_kl`).
     """
 
     def __init__(self, model: nn.Module, elbo: ELBO) -> None:
@@ -85,7 +86,10 @@ class Objective(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
-        return self.elbo.terms(self.output(x), y, kl_divergence(self.model), beta=beta)
+        # The KL that mean-field layers compute with their output, not a second pass.
+        with recording_kl(self.model) as kl:
+            output = self.output(x)
+        return self.elbo.terms(output, y, kl(), beta=beta)
 
 
 class MomentObjective(Objective):
