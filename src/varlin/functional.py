@@ -141,6 +141,11 @@ def _shift_scaled(loc: Tensor, scale: Tensor, eps: Tensor) -> Tensor:
     return torch.addcmul(loc, scale, eps)
 
 
+def _records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def mean_linear(x: Tensor, w_loc: Tensor, b_loc: Tensor | None = None) -> Tensor:
     """The posterior-mean map ``x @ w_loc + b_loc``: no noise, bit-identical to that expression."""
     y = x @ w_loc
@@ -200,7 +205,10 @@ def reparameterized_linear(
     in_features, out_features = w_loc.shape
     shape = (s, in_features, out_features)
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
-    weight = torch.addcmul(w_loc, w_scale, eps)
+    if _records_grad(w_loc, w_scale):
+        weight = torch.addcmul(w_loc, w_scale, eps)
+    else:  # in place, as in flipout_linear: the same numbers without a second S×in×out tensor
+        weight = eps.mul_(w_scale).add_(w_loc)
     flat = x.reshape(s, -1, in_features)
     y = torch.bmm(flat, weight.to(flat.dtype) if flat.dtype != weight.dtype else weight)
     if b_loc is not None:
@@ -368,7 +376,9 @@ def flipout_linear(
     eps = torch.randn(
         (*lead, *w_loc.shape), generator=generator, device=w_loc.device, dtype=w_loc.dtype
     )
-    delta_w = w_scale * eps
+    # In place where no gradient is recorded (Monte Carlo prediction: S in×out draws): the
+    # same numbers, without an S×in×out temporary.
+    delta_w = eps.mul_(w_scale) if not _records_grad(w_scale) else w_scale * eps
     sign_in, sign_out = _flip_signs(x, rows, mean, generator)
     delta_b = None
     if b_loc is not None:
