@@ -3,8 +3,9 @@
 1. The op-by-op path it replaces (``_realise``, ``_output``, ``_kl_divergence``: autograd through
    ``varlin.functional`` and ``varlin.kl``): the same output and KL bit for bit for the same
    noise, the same gradients to float64 rounding.
-2. Finite differences (``torch.autograd.gradcheck``) of the hand-written backward, with the noise
-   held fixed by reseeding the generator before every call.
+2. Finite differences (``torch.autograd.gradcheck``) of the hand-written backward, and of the
+   gradients' own gradients (``gradgradcheck``), with the noise held fixed by reseeding the
+   generator before every call.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def test_fused_step_backward_matches_finite_differences(estimator: str) -> None:
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(step, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    # second derivatives too (create_graph=True: the backward's own operations are recorded)
+    assert torch.autograd.gradgradcheck(step, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def test_cases_the_fused_step_does_not_serve_take_the_op_by_op_path() -> None:

@@ -15,7 +15,9 @@ elementwise passes the math does not need (the sample's and the KL's gradients o
 
 with :math:`G` the gradient of the output and the estimator's own :math:`\nabla_\sigma` (for
 reparameterization :math:`X^\top G \odot \epsilon`). Values are bit-identical to the op-by-op
-path (the same operations in the same order); gradients agree to rounding (tests pin both).
+path (the same operations in the same order); gradients agree to rounding (tests pin both). A
+double backward (``create_graph=True``) differentiates a recomputation of the step with the same
+noise instead, so second derivatives are exact too.
 
 It serves the common case only; :func:`fusable` says when, and every other case (other families,
 priors without a closed form, float16 or autocast, ``torch.compile`` and ``torch.func``, Monte
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from . import functional
 from .functional import _affine, _flip_signs, _plain_ops_only, positive_scale
-from .kl import _fast_path, _kl_sum_grads, _kl_sum_value, _prior_scalars
+from .kl import _fast_path, _kl_sum_grads, _kl_sum_value, _prior_scalars, normal_kl
 
 __all__: list[str] = []
 
@@ -154,15 +156,20 @@ class _MeanFieldStep(torch.autograd.Function):
         ctx.code = code
         ctx.x_shape = x.shape
         ctx.save_for_backward(
-            x2d, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
+            x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
             p_loc, p_scale, p_b_loc, p_b_scale, *saved,
         )  # fmt: skip
         return y.view(*x.shape[:-1], loc.shape[1]), kl
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor | None, grad_kl: Tensor | None) -> tuple[Any, ...]:
-        (x2d, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
+        if torch.is_grad_enabled():
+            # create_graph=True (a double backward): the hand-written gradients below use
+            # tensors the forward made without a graph, so differentiate a recomputation.
+            return _recomputed_backward(ctx, grad_y, grad_kl)
+        (x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
          p_loc, p_scale, p_b_loc, p_b_scale, *saved) = ctx.saved_tensors  # fmt: skip
+        x2d = x.reshape(-1, x.shape[-1])
         needs = ctx.needs_input_grad
         need_x = needs[2]
         g_x = g_loc = g_scale = g_b_loc = g_b_scale = None
@@ -218,6 +225,47 @@ class _MeanFieldStep(torch.autograd.Function):
             g_b_loc if needs[5] else None, g_b_raw if needs[6] else None,
             *g_p,
         )  # fmt: skip
+
+
+def _recomputed_backward(
+    ctx: Any, grad_y: Tensor | None, grad_kl: Tensor | None
+) -> tuple[Any, ...]:
+    """The gradients by autograd through the step's plain operations, with the forward's noise:
+    differentiable again (for ``create_graph=True``), and the same values to rounding."""
+    (x, loc, raw, _, b_loc, b_raw, _, eps_b,
+     p_loc, p_scale, p_b_loc, p_b_scale, *saved) = ctx.saved_tensors  # fmt: skip
+    scale = positive_scale(raw)
+    b_scale = None if b_raw is None else positive_scale(b_raw)
+    x2d = x.reshape(-1, x.shape[-1])
+    eps = saved[0]
+    if ctx.code == 0:
+        bias = None if b_loc is None or b_scale is None else b_loc + b_scale * eps_b
+        y = _affine(x2d, loc + scale * eps, bias)
+    elif ctx.code == 1:
+        var = _affine(x2d * x2d, scale * scale, None if b_scale is None else b_scale * b_scale)
+        y = _affine(x2d, loc, b_loc) + var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() * eps
+    else:
+        sign_in, sign_out = saved[3], saved[4]
+        delta_b = None if b_scale is None else b_scale * eps_b
+        perturbation = _affine(x2d * sign_in, scale * eps, delta_b)
+        y = _affine(x2d, loc, b_loc) + perturbation * sign_out
+    kl = normal_kl(loc, scale, p_loc, p_scale).sum()
+    if b_loc is not None and b_scale is not None:
+        kl = kl + normal_kl(b_loc, b_scale, p_b_loc, p_b_scale).sum()
+    inputs = (x, loc, raw, b_loc, b_raw, p_loc, p_scale, p_b_loc, p_b_scale)
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+    outputs, grads = [], []
+    for out, grad in ((y, grad_y), (kl, grad_kl)):
+        if grad is not None:
+            outputs.append(out)
+            grads.append(grad.reshape(out.shape))
+    found = torch.autograd.grad(
+        outputs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, found, strict=True):
+        result[i] = grad
+    return (None, None, *result)
 
 
 def _add_kl_grads(

@@ -205,10 +205,7 @@ def reparameterized_linear(
     in_features, out_features = w_loc.shape
     shape = (s, in_features, out_features)
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
-    if _records_grad(w_loc, w_scale):
-        weight = torch.addcmul(w_loc, w_scale, eps)
-    else:  # in place, as in flipout_linear: the same numbers without a second S×in×out tensor
-        weight = eps.mul_(w_scale).add_(w_loc)
+    weight = torch.addcmul(w_loc, w_scale, eps)
     flat = x.reshape(s, -1, in_features)
     y = torch.bmm(flat, weight.to(flat.dtype) if flat.dtype != weight.dtype else weight)
     if b_loc is not None:
@@ -410,10 +407,15 @@ def _flip(
     ``(S, in, out)`` for ``S`` sample slices of ``x`` (``delta_b`` then ``(S, 1, out)``)."""
     if delta_w.dim() == 3:
         flat = (x * sign_in).reshape(delta_w.shape[0], -1, delta_w.shape[1])
-        perturbation = torch.bmm(flat, delta_w.to(flat.dtype))
-        if delta_b is not None:
-            perturbation = perturbation + delta_b
+        weights = delta_w.to(flat.dtype)
+        if delta_b is None:
+            perturbation = torch.bmm(flat, weights)
+        else:  # the bias added by the batched GEMM itself, not in a pass of its own
+            perturbation = torch.baddbmm(delta_b.to(flat.dtype), flat, weights)
         perturbation = perturbation.reshape(*x.shape[:-1], delta_w.shape[2])
+        if not _records_grad(perturbation, mean):
+            # Monte Carlo prediction: in place (the signs are exact, so the same numbers).
+            return perturbation.mul_(sign_out).add_(mean)
     else:
         perturbation = _affine(x * sign_in, delta_w, delta_b)
     return torch.addcmul(mean, perturbation, sign_out)
