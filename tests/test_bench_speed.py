@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -327,3 +328,19 @@ def test_profile_flag_writes_per_op_tables(tmp_path: Path) -> None:
     markdown = (tmp_path / "speed_profile.md").read_text()
     assert "## Summary" in markdown and "**floor: flipout**" in markdown
     assert markdown.count("| op | calls / step | self ms / step |") == len(expected)
+
+
+def test_fit_step_benchmark_writes_its_table_with_a_before_tree(tmp_path: Path) -> None:
+    """benchmarks/fit_step.py --quick, with this tree's own src as the --before package."""
+    script = SCRIPT.parent / "fit_step.py"
+    src = SCRIPT.parents[1] / "src"
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--before", str(src), "--out", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads((out / "fit_step.json").read_text())
+    (row,) = result["rows"]
+    assert row["width"] == 8 and row["ms"] > 0 and row["before_ms"] > 0
+    assert row["after_over_before"] > 0
+    assert "after / before" in (out / "fit_step.md").read_text()

@@ -191,3 +191,21 @@ def test_recording_kl_keeps_one_kl_per_layer_and_what_the_fused_step_returned() 
     assert type(records["first"][0].grad_fn).__name__ == "_MeanFieldStepBackward"
     total = kl_of()
     torch.testing.assert_close(total, varlin.kl_divergence(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_fused_step_where_the_prior_cannot_be_read_as_numbers(
+    estimator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the prior's numbers are not read (a sync): the KL takes the elementwise
+    form and its gradients ``kl._kl_sum_grads``; the same checks as on the CPU's path."""
+    monkeypatch.setattr(varlin.kl, "_prior_scalars", lambda p_loc, p_scale: None)
+    monkeypatch.setattr(_fused, "_prior_scalars", lambda p_loc, p_scale: None)
+    layer = _layer(estimator, True, "shifted")
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_()
+    y, kl, grads = _step(layer, x, fused=True)
+    y_ref, kl_ref, grads_ref = _step(layer, x, fused=False)
+    assert torch.equal(y, y_ref) and torch.equal(kl, kl_ref)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-13, atol=1e-15, msg=name)

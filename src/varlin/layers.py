@@ -35,6 +35,7 @@ __all__ = [
     "Estimator",
     "Posterior",
     "kl_divergence",
+    "recording_kl",
     "deterministic",
     "variational_layers",
 ]
@@ -479,6 +480,11 @@ def recording_kl(model: nn.Module) -> Iterator[Callable[[], Tensor]]:
     layer not called, ``torch.func`` transforms) has its KL computed by the function, in module
     order as :func:`kl_divergence` adds them. Call the function after the forward pass, inside
     the block or after it.
+
+    Example:
+        >>> with varlin.layers.recording_kl(model) as kl:
+        ...     output = model(x)
+        >>> loss = elbo(output, y, kl())  # the same loss as with varlin.kl_divergence(model)
     """
     layers = list(variational_layers(model))
     saved = [layer._kl_record for layer in layers]
