@@ -190,3 +190,34 @@ def test_fit_on_cuda_with_cpu_validation_data() -> None:
         validation=(data.x, data.y),
         progress=False,
     )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_fused_step_on_cuda_matches_the_op_by_op_path_without_host_syncs(estimator: str) -> None:
+    """The seed layer's one-node step (varlin._fused) on the device: the prior's numbers are not
+    read there, so no sync in the forward or the backward, and the output, the KL and the
+    gradients are those of the op-by-op path for the same noise (recording the KL too)."""
+    gen = torch.Generator(device=CUDA)
+    layer = varlin.LinearVariationalNormal(8, 5, estimator=estimator, generator=gen, device=CUDA)
+    x = torch.randn(6, 8, device=CUDA)
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        gen.manual_seed(3)
+        if fused:
+            with varlin.layers.recording_kl(layer) as kl_of:
+                y, kl = layer(x, kl_weight=0.1)
+            assert type(y.grad_fn).__name__ == "_MeanFieldStepBackward"
+            assert torch.equal(0.1 * kl_of(), kl)
+        else:
+            t = layer._realise()
+            y, kl = layer._output(x, t), 0.1 * layer._kl_divergence(t)
+        grads = torch.autograd.grad(y.square().mean() + kl, list(layer.parameters()))
+        return y.detach(), kl.detach(), list(grads)
+
+    run(True)  # warm-up: lazy CUDA initialisation
+    with _no_host_sync():
+        y, kl, grads = run(True)
+    y_ref, kl_ref, grads_ref = run(False)
+    assert torch.equal(y, y_ref) and torch.equal(kl, kl_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
