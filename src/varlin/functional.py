@@ -375,7 +375,8 @@ def flipout_linear(
     )
     # In place where no gradient is recorded (Monte Carlo prediction: S in×out draws): the
     # same numbers, without an S×in×out temporary.
-    delta_w = eps.mul_(w_scale) if not _records_grad(w_scale) else w_scale * eps
+    in_place = not (_records_grad(w_scale) or _plain_ops_only())  # vmap: eps may be narrower
+    delta_w = eps.mul_(w_scale) if in_place else w_scale * eps
     sign_in, sign_out = _flip_signs(x, rows, mean, generator)
     delta_b = None
     if b_loc is not None:
@@ -413,7 +414,7 @@ def _flip(
         else:  # the bias added by the batched GEMM itself, not in a pass of its own
             perturbation = torch.baddbmm(delta_b.to(flat.dtype), flat, weights)
         perturbation = perturbation.reshape(*x.shape[:-1], delta_w.shape[2])
-        if not _records_grad(perturbation, mean):
+        if not (_records_grad(perturbation, mean) or _plain_ops_only()):
             # Monte Carlo prediction: in place (the signs are exact, so the same numbers).
             return perturbation.mul_(sign_out).add_(mean)
     else:

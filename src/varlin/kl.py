@@ -65,9 +65,11 @@ def normal_kl(q_loc: Tensor, q_scale: Tensor, p_loc: Tensor, p_scale: Tensor) ->
     return 0.5 * (spread + shift)
 
 
-def _prior_scalars(p_loc: Tensor, p_scale: Tensor) -> tuple[float, float] | None:
-    """A one-entry prior's ``(loc, scale)`` as numbers, where reading them is free: on the CPU
-    (not on an accelerator, where it is a sync) and not while tracing; else ``None``.
+def _prior_scalars(p_loc: Tensor, p_scale: Tensor, q: Tensor) -> tuple[float, float] | None:
+    """A one-entry prior's ``(loc, scale)`` as numbers, where reading them is free: the prior
+    and the posterior ``q`` on the CPU (not on an accelerator, where it is a sync), not while
+    tracing, and a finite positive scale (else the elementwise form gives its NaN or inf);
+    otherwise ``None``.
 
     With them the summed KL needs a handful of passes over the posterior (sums, no
     per-element ``expm1``), and its default ``N(0, 1)`` skips the exact no-ops ``- 0``, ``/ 1``.
@@ -76,10 +78,14 @@ def _prior_scalars(p_loc: Tensor, p_scale: Tensor) -> tuple[float, float] | None
         p_loc.numel() != 1
         or p_scale.numel() != 1
         or p_loc.device.type != "cpu"
+        or q.device.type != "cpu"
         or torch.compiler.is_compiling()
     ):
         return None
-    return float(p_loc), float(p_scale)
+    m, s = float(p_loc), float(p_scale)
+    if not (0.0 < s < math.inf and math.isfinite(m)):
+        return None
+    return m, s
 
 
 def _kl_sum_value(
@@ -91,19 +97,20 @@ def _kl_sum_value(
 ) -> Tensor:
     r"""``normal_kl(...).sum()``, equal to rounding.
 
-    Against a one-entry prior :math:`\mathcal N(m, s^2)` given as numbers (``scalars``), by sums:
-    with :math:`t = \sigma - s` (exact near :math:`\sigma = s`, as ``expm1`` is near 1),
+    Against a one-entry prior :math:`\mathcal N(m, s^2)` given as numbers (``scalars``), by sums
+    over the ratios :math:`r = \sigma / s` and :math:`t = r - 1` (exact near the prior, as
+    ``expm1`` is in the elementwise form):
 
     .. math::
-        \sum_i\big(r_i^2 - 1 - 2\log r_i\big) = \frac{\sum t^2 + 2s\sum t}{s^2}
-        - 2\sum\log r_i,
-        \qquad \sum_i \Big(\frac{\mu_i - m}{s}\Big)^2,
+        \sum_i\big(r_i^2 - 1 - 2\log r_i\big) = \sum t^2 + 2\sum t - 2\sum\log r,
+        \qquad \sum_i \Big(\frac{\mu_i - m}{s}\Big)^2 .
 
-    each sum torch's cascade summation (as accurate as the elementwise form's one sum), combined
-    in double precision; two weight-sized temporaries instead of five and no ``expm1`` (not
-    vectorised on the CPU). The first sum, :math:`\ge 0` exactly, is clamped at 0 against
-    rounding. Otherwise the
-    elementwise :func:`normal_kl`, summed.
+    Both parts of the spread come from the same rounded :math:`r`, so near the prior their
+    rounding cancels as the elementwise form's does. Each sum is torch's cascade summation
+    (in float32 for a bfloat16 layer), combined in double precision; two weight-sized
+    temporaries (three for :math:`s \ne 1`) instead of five, and no ``expm1`` (not vectorised
+    on the CPU). The spread, :math:`\ge 0` exactly, is clamped at 0 against rounding.
+    Otherwise the elementwise :func:`normal_kl`, summed.
     """
     if scalars is None:
         # normal_kl's operations in its order, in place where they may be.
@@ -112,23 +119,21 @@ def _kl_sum_value(
         shift = torch.sub(q_loc, p_loc).div_(p_scale)
         return spread.add_(shift.mul_(shift)).sum() * 0.5
     m, s = scalars
-    t = torch.sub(q_scale, s)
-    sum_t = float(t.sum())
-    sum_t2 = float(t.mul_(t).sum())
-    logs = torch.log(q_scale)  # the temporary is reused for the shift below
-    if s != 1.0:
-        # log r per weight before summing, as normal_kl: near the prior each term is ~0, where
-        # sum(log sigma) - n log s would lose the sum's rounding of n |log s|.
-        logs.sub_(math.log(s))
-    sum_log = float(logs.sum())
+    acc = torch.float32 if q_scale.dtype == torch.bfloat16 else None  # bfloat16 sums round
+    ratio = q_scale if s == 1.0 else torch.div(q_scale, s)
+    t = torch.sub(ratio, 1.0)
+    sum_t = float(t.sum(dtype=acc))
+    sum_t2 = float(t.mul_(t).sum(dtype=acc))
+    logs = torch.log(ratio)  # the temporary is reused for the shift below
+    sum_log = float(logs.sum(dtype=acc))
     if m == 0.0:
-        sum_shift = float(torch.mul(q_loc, q_loc, out=logs).sum())
+        sum_shift = float(torch.mul(q_loc, q_loc, out=logs).sum(dtype=acc))
     else:
-        sum_shift = float(torch.sub(q_loc, m, out=logs).square_().sum())
+        sum_shift = float(torch.sub(q_loc, m, out=logs).square_().sum(dtype=acc))
     # The four sums combined as Python floats (double precision): 0-dim tensor ops cost more.
-    sum_spread = (sum_t2 + 2 * s * sum_t) / (s * s) - 2 * sum_log
+    sum_spread = sum_t2 + 2 * sum_t - 2 * sum_log
     value = 0.5 * (max(sum_spread, 0.0) + sum_shift / (s * s))
-    return torch.tensor(value, dtype=q_scale.dtype)
+    return torch.tensor(value, dtype=q_scale.dtype, device=q_scale.device)
 
 
 def _kl_sum_grads(
@@ -209,7 +214,7 @@ class _NormalKLSum(torch.autograd.Function):
         p_scale: Tensor,
     ) -> Tensor:
         ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
-        ctx.scalars = _prior_scalars(p_loc, p_scale)
+        ctx.scalars = _prior_scalars(p_loc, p_scale, q_loc)
         return _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.scalars)
 
     @staticmethod
@@ -233,7 +238,7 @@ class _NormalKLSums(torch.autograd.Function):
         total: Tensor | None = None
         for i in range(0, len(tensors), 4):
             q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
-            ctx.scalars.append(_prior_scalars(p_loc, p_scale))
+            ctx.scalars.append(_prior_scalars(p_loc, p_scale, q_loc))
             value = _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.scalars[-1])
             total = value if total is None else total + value
         assert total is not None  # normal_kl_sums passes at least two groups

@@ -327,10 +327,10 @@ class BayesianLinearBase(nn.Module):
             num_weight_samples=self._num_weight_samples,
         )
 
-    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _fused_step(self, x: Tensor, with_kl: bool = True) -> tuple[Tensor, Tensor | None] | None:
         """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
-        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
-        apply."""
+        (:mod:`varlin._fused`: the same values, a lean backward), ``(y, None)`` with
+        ``with_kl=False``; ``None`` where it does not apply."""
         family, bias = self.w_posterior, self.b_posterior
         if (
             type(family) is not MeanFieldNormal
@@ -351,8 +351,18 @@ class BayesianLinearBase(nn.Module):
         return _fused.meanfield_step(
             self.estimator, x, family.loc, family.raw_scale,
             None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
-            w_prior, b_prior, self.generator,
+            w_prior, b_prior, self.generator, with_kl=with_kl,
         )  # fmt: skip
+
+    def _records_kl(self) -> bool:
+        """Whether this call keeps its KL for :func:`recording_kl`: inside the block, with
+        gradients on (a KL without them would give the model's none), and not in a replica of
+        ``nn.DataParallel`` (replicas share this layer's record; the caller computes the KL)."""
+        return (
+            self._kl_record is not None
+            and torch.is_grad_enabled()
+            and not getattr(self, "_is_replica", False)
+        )
 
     def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None = None) -> None:
         """Set every weight's (bias's) posterior standard deviation, correlations at or near 0.
@@ -414,9 +424,12 @@ class LinearVariationalNormal(BayesianLinearBase):
         self._check_x(x)
         step = self._fused_step(x)
         if step is not None:
-            if self._kl_record is not None:
-                self._kl_record.append(step[1])
-            return step[0], kl_weight * step[1]
+            y, kl = step
+            assert kl is not None
+            if self._records_kl():
+                assert self._kl_record is not None
+                self._kl_record.append(kl)
+            return y, kl_weight * kl
         # The family's constrained tensors (softplus, factors) once per step, shared by the
         # sample and the KL (autograd adds both gradients before one softplus backward).
         t = self._realise()
@@ -434,15 +447,18 @@ class VariationalLinear(BayesianLinearBase):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._kl_record is None:
-            return self._output(x)
-        # Inside recording_kl: the output and the KL in one step, the KL kept for the caller.
         self._check_x(x)
-        step = self._fused_step(x)
+        # The one-node step wherever it applies, whether or not the KL is recorded: activation
+        # checkpointing recomputes this forward outside recording_kl and must find the same node.
+        record = self._records_kl()
+        step = self._fused_step(x, with_kl=record)
         if step is None:
             return self._sample_checked(x)
-        self._kl_record.append(step[1])
-        return step[0]
+        y, kl = step
+        if record:
+            assert self._kl_record is not None and kl is not None
+            self._kl_record.append(kl)
+        return y
 
 
 def variational_layers(model: nn.Module) -> Iterator[BayesianLinearBase]:
@@ -486,13 +502,22 @@ def recording_kl(model: nn.Module) -> Iterator[Callable[[], Tensor]]:
         ...     output = model(x)
         >>> loss = elbo(output, y, kl())  # the same loss as with varlin.kl_divergence(model)
     """
-    layers = list(variational_layers(model))
+    # A layer whose class computes its KL otherwise records nothing: the function asks it.
+    layers = [
+        layer
+        for layer in variational_layers(model)
+        if type(layer).kl_divergence is BayesianLinearBase.kl_divergence
+        and type(layer)._kl_divergence is BayesianLinearBase._kl_divergence
+    ]
+    every = list(variational_layers(model))
     saved = [layer._kl_record for layer in layers]
     records: list[list[Tensor]] = [[] for _ in layers]
 
     def total() -> Tensor:
         kl: Tensor | None = None
-        for layer, record in zip(layers, records, strict=True):
+        recorded = {id(layer): record for layer, record in zip(layers, records, strict=True)}
+        for layer in every:
+            record = recorded.get(id(layer))
             # A layer called twice drew two samples but has one KL.
             value = record[0] if record else layer.kl_divergence()
             kl = value if kl is None else kl + value
