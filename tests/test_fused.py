@@ -319,3 +319,22 @@ def test_bfloat16_layer_kl_is_accurate_near_the_prior() -> None:
         t = r - 1
         magnitude += float(0.5 * (t * t + 2 * t.abs() + 2 * r.log().abs() + shift).sum())
     assert abs(kl - terms) <= 2 * torch.finfo(torch.bfloat16).eps * magnitude
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_stacked_flipout_layers_predict_under_vmap(randomness: str) -> None:
+    """Two flipout layers stacked for torch.func.vmap, without gradients: under shared
+    randomness the noise is narrower than the stacked scales, so nothing is formed in place."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    base = varlin.VariationalLinear(4, 3, estimator="flipout")
+    models = [varlin.VariationalLinear(4, 3, estimator="flipout") for _ in range(2)]
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    x = torch.randn(5, 4)
+
+    def call(p: Any, b: Any, x_: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (p, b), (x_,))
+
+    with torch.no_grad():
+        out = vmap(call, in_dims=(0, 0, None), randomness=randomness)(params, buffers, x)
+    assert out.shape == (2, 5, 3) and torch.isfinite(out).all()
