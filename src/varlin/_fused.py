@@ -68,23 +68,18 @@ def meanfield_step(
     w_prior: tuple[Tensor, Tensor],
     b_prior: tuple[Tensor, Tensor] | None,
     generator: torch.Generator | None,
-    *,
-    with_kl: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """``(y, KL(q || p))`` of a mean-field layer in one autograd node (see the module docstring);
-    ``(y, None)`` with ``with_kl=False``.
+) -> tuple[Tensor, Tensor]:
+    """``(y, KL(q || p))`` of a mean-field layer in one autograd node (see the module docstring).
 
     The noise is drawn in the order of :mod:`varlin.functional`'s estimator, so for the same
-    generator state the output is the one the op-by-op path gives. The tensors kept for the
-    backward are the same with or without the KL (activation checkpointing recomputes the
-    forward and counts them).
+    generator state the output is the one the op-by-op path gives.
     """
     if b_loc is None:
         b_raw_scale = None
         b_prior = None
     p_b_loc, p_b_scale = (None, None) if b_prior is None else b_prior
-    out: tuple[Tensor, Tensor | None] = _MeanFieldStep.apply(
-        _CODES[estimator], generator, with_kl, x, loc, raw_scale, b_loc, b_raw_scale,
+    out: tuple[Tensor, Tensor] = _MeanFieldStep.apply(
+        _CODES[estimator], generator, x, loc, raw_scale, b_loc, b_raw_scale,
         w_prior[0], w_prior[1], p_b_loc, p_b_scale,
     )  # fmt: skip
     return out
@@ -96,7 +91,6 @@ class _MeanFieldStep(torch.autograd.Function):
         ctx: Any,
         code: int,
         generator: torch.Generator | None,
-        with_kl: bool,
         x: Tensor,
         loc: Tensor,
         raw: Tensor,
@@ -106,7 +100,7 @@ class _MeanFieldStep(torch.autograd.Function):
         p_scale: Tensor,
         p_b_loc: Tensor | None,
         p_b_scale: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         scale = positive_scale(raw)
         b_scale = None if b_raw is None else positive_scale(b_raw)
@@ -117,9 +111,10 @@ class _MeanFieldStep(torch.autograd.Function):
             groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
         ctx.scalars = [_prior_scalars(g[2], g[3], g[0]) for g in groups]
         kl: Tensor | None = None
-        for group, scalars in zip(groups if with_kl else [], ctx.scalars, strict=False):
+        for group, scalars in zip(groups, ctx.scalars, strict=True):
             value = _kl_sum_value(*group, scalars)
             kl = value if kl is None else kl + value
+        assert kl is not None
         x2d = x.reshape(-1, x.shape[-1])
         rand: dict[str, Any] = {"device": loc.device, "dtype": loc.dtype}
         if generator is not None:
@@ -176,7 +171,7 @@ class _MeanFieldStep(torch.autograd.Function):
          p_loc, p_scale, p_b_loc, p_b_scale, *saved) = ctx.saved_tensors  # fmt: skip
         x2d = x.reshape(-1, x.shape[-1])
         needs = ctx.needs_input_grad
-        need_x = needs[3]
+        need_x = needs[2]
         g_x = g_loc = g_scale = g_b_loc = g_b_scale = None
         if grad_y is not None:
             g = grad_y.reshape(-1, loc.shape[1])
@@ -213,21 +208,21 @@ class _MeanFieldStep(torch.autograd.Function):
         if grad_kl is not None:
             g_loc, g_scale, g_p[0], g_p[1] = _add_kl_grads(
                 grad_kl, g_loc, g_scale, loc, scale, p_loc, p_scale, ctx.scalars[0],
-                (needs[4], needs[5], needs[8], needs[9]),
+                (needs[3], needs[4], needs[7], needs[8]),
             )  # fmt: skip
             if b_loc is not None:
                 g_b_loc, g_b_scale, g_p[2], g_p[3] = _add_kl_grads(
                     grad_kl, g_b_loc, g_b_scale, b_loc, b_scale, p_b_loc, p_b_scale,
-                    ctx.scalars[1], (needs[6], needs[7], needs[10], needs[11]),
+                    ctx.scalars[1], (needs[5], needs[6], needs[9], needs[10]),
                 )  # fmt: skip
         g_raw = None if g_scale is None else _softplus_backward(g_scale, raw)
         g_b_raw = None if g_b_scale is None else _softplus_backward(g_b_scale, b_raw)
         if g_x is not None:
             g_x = g_x.view(ctx.x_shape)
         return (
-            None, None, None, g_x,
-            g_loc if needs[4] else None, g_raw if needs[5] else None,
-            g_b_loc if needs[6] else None, g_b_raw if needs[7] else None,
+            None, None, g_x,
+            g_loc if needs[3] else None, g_raw if needs[4] else None,
+            g_b_loc if needs[5] else None, g_b_raw if needs[6] else None,
             *g_p,
         )  # fmt: skip
 
@@ -258,7 +253,7 @@ def _recomputed_backward(
     if b_loc is not None and b_scale is not None:
         kl = kl + normal_kl(b_loc, b_scale, p_b_loc, p_b_scale).sum()
     inputs = (x, loc, raw, b_loc, b_raw, p_loc, p_scale, p_b_loc, p_b_scale)
-    wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
     outputs, grads = [], []
     for out, grad in ((y, grad_y), (kl, grad_kl)):
         if grad is not None:
@@ -270,7 +265,7 @@ def _recomputed_backward(
     result: list[Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wanted, found, strict=True):
         result[i] = grad
-    return (None, None, None, *result)
+    return (None, None, *result)
 
 
 def _add_kl_grads(

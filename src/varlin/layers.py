@@ -327,10 +327,10 @@ class BayesianLinearBase(nn.Module):
             num_weight_samples=self._num_weight_samples,
         )
 
-    def _fused_step(self, x: Tensor, with_kl: bool = True) -> tuple[Tensor, Tensor | None] | None:
+    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
-        (:mod:`varlin._fused`: the same values, a lean backward), ``(y, None)`` with
-        ``with_kl=False``; ``None`` where it does not apply."""
+        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
+        apply."""
         family, bias = self.w_posterior, self.b_posterior
         if (
             type(family) is not MeanFieldNormal
@@ -351,17 +351,20 @@ class BayesianLinearBase(nn.Module):
         return _fused.meanfield_step(
             self.estimator, x, family.loc, family.raw_scale,
             None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
-            w_prior, b_prior, self.generator, with_kl=with_kl,
+            w_prior, b_prior, self.generator,
         )  # fmt: skip
 
     def _records_kl(self) -> bool:
         """Whether this call keeps its KL for :func:`recording_kl`: inside the block, with
-        gradients on (a KL without them would give the model's none), and not in a replica of
-        ``nn.DataParallel`` (replicas share this layer's record; the caller computes the KL)."""
+        gradients on (a KL without them would give the model's none), not in a replica of
+        ``nn.DataParallel`` (replicas share this layer's record; the caller computes the KL),
+        and not under saved-tensor hooks (activation checkpointing runs the forward again
+        during the backward, outside the block, and must find the same operations)."""
         return (
             self._kl_record is not None
             and torch.is_grad_enabled()
             and not getattr(self, "_is_replica", False)
+            and not _saved_tensor_hooks_active()
         )
 
     def set_marginal_scale(self, w_scale: Tensor, b_scale: Tensor | None = None) -> None:
@@ -425,7 +428,6 @@ class LinearVariationalNormal(BayesianLinearBase):
         step = self._fused_step(x)
         if step is not None:
             y, kl = step
-            assert kl is not None
             if self._records_kl():
                 assert self._kl_record is not None
                 self._kl_record.append(kl)
@@ -448,17 +450,27 @@ class VariationalLinear(BayesianLinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_x(x)
-        # The one-node step wherever it applies, whether or not the KL is recorded: activation
-        # checkpointing recomputes this forward outside recording_kl and must find the same node.
-        record = self._records_kl()
-        step = self._fused_step(x, with_kl=record)
+        # Inside recording_kl, the output and the KL in one step, the KL kept for the caller;
+        # elsewhere the plain operations, which cost less per call for the output alone.
+        step = self._fused_step(x) if self._records_kl() else None
         if step is None:
             return self._sample_checked(x)
         y, kl = step
-        if record:
-            assert self._kl_record is not None and kl is not None
-            self._kl_record.append(kl)
+        assert self._kl_record is not None
+        self._kl_record.append(kl)
         return y
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed (``torch.utils.checkpoint`` without reentrance,
+    activation offloading). torch has no public query; a build without this one reads as none."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        return top(False) is not None
+    except TypeError:
+        return False
 
 
 def variational_layers(model: nn.Module) -> Iterator[BayesianLinearBase]:
