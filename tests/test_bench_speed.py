@@ -270,6 +270,8 @@ def test_cuda_graph_variant_needs_a_gpu_and_variant_rows_pair_with_their_own_lin
 
 
 @pytest.mark.slow
+# torch.compile's own import path warns in this torch build (not varlin's code).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_variant_runs_on_the_cpu(tmp_path: Path) -> None:
     """``--variants compile`` end to end on a tiny layer (torch.compile takes a while)."""
     speed = _load_speed()
