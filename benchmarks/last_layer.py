@@ -521,9 +521,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--first-split must be >= 0")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
-    if args.retime is not None:
-        unknown = sorted(set(args.retime.split(",")) - set(METHODS))
+    chosen = args.methods.split(",") + ([] if args.retime is None else args.retime.split(","))
+    unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     return args

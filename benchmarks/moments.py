@@ -245,8 +245,7 @@ def _uci_cost(args: argparse.Namespace, name: str, likelihood_name: str) -> dict
             seconds = train(test_split, method, covariance, False, args.timing_epochs)[3]
             fastest[name] = min(fastest[name], seconds / args.timing_epochs)
     curves = {}
-    for method, covariance in methods:
-        name = method if method == "mc" else f"moments-{covariance}"
+    for name, (method, covariance) in zip(names, methods, strict=True):
         model, likelihood, _, seconds = train(test_split, method, covariance, validation=False)
         entry: dict[str, Any] = {
             "epoch_seconds": fastest[name],

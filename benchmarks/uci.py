@@ -268,24 +268,29 @@ def render_gap(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _read_json(path: str) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def _labelled(pairs: list[str]) -> dict[str, dict[str, Any]]:
     runs = {}
     for pair in pairs:
         label, sep, path = pair.partition("=")
         if not sep or not label or not path:
             raise SystemExit(f"uci.py: error: expected LABEL=FILE, got {pair!r}")
-        with open(path) as fh:
-            runs[label] = json.load(fh)
+        runs[label] = _read_json(path)
     return runs
 
 
-def _merge_json(path: str | None, key: str, value: dict[str, Any]) -> None:
+def _merge_json(path: str | None, key: str, value: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge ``value`` into ``path``'s entry ``key``; the file's content (or ``None``)."""
     if path is None:
-        return
-    with open(path) as fh:
-        data = json.load(fh)
+        return None
+    data: dict[str, Any] = _read_json(path)
     data.setdefault(key, {}).update(value)
     write_json_atomic(path, data)
+    return data
 
 
 def families_main(argv: list[str]) -> int:
@@ -295,9 +300,9 @@ def families_main(argv: list[str]) -> int:
     parser.add_argument("--json", required=True, help="uci.json: mean-field from it, runs into it")
     args = parser.parse_args(argv)
     runs = _labelled(args.runs)
-    with open(args.json) as fh:
-        mean_field = json.load(fh)[args.likelihood]
-    _merge_json(args.json, "families", {k: {args.likelihood: v} for k, v in runs.items()})
+    data = _merge_json(args.json, "families", {k: {args.likelihood: v} for k, v in runs.items()})
+    assert data is not None
+    mean_field = data[args.likelihood]  # the entry beside "families", untouched by the merge
     print(render_families(mean_field, runs))
     return 0
 
@@ -402,12 +407,10 @@ def render_empirical_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     eb = {}
     for kind in ("homoscedastic", "heteroscedastic"):
-        with open(getattr(args, kind)) as fh:
-            eb[kind] = json.load(fh)
+        eb[kind] = _read_json(getattr(args, kind))
     fixed = None
     if args.fixed is not None:
-        with open(args.fixed) as fh:
-            fixed = json.load(fh)
+        fixed = _read_json(args.fixed)
     if args.json is not None:
         write_json_atomic(args.json, eb)
     print(render_empirical(eb, fixed))
@@ -495,10 +498,8 @@ def render_moments_main(argv: list[str]) -> int:
         path = getattr(args, key)
         runs[key] = None
         if path is not None:
-            with open(path) as fh:
-                runs[key] = json.load(fh)
-    with open(args.mc) as fh:
-        mc = json.load(fh)
+            runs[key] = _read_json(path)
+    mc = _read_json(args.mc)
     if args.json is not None:
         write_json_atomic(args.json, runs)
     print(render_moments(runs, mc))
@@ -511,10 +512,8 @@ def render_main(argv: list[str]) -> int:
     parser.add_argument("heteroscedastic", help="--out file of the heteroscedastic run")
     parser.add_argument("--json", default=None, help="write the merged results here")
     args = parser.parse_args(argv)
-    with open(args.homoscedastic) as fh:
-        hom = json.load(fh)
-    with open(args.heteroscedastic) as fh:
-        het = json.load(fh)
+    hom = _read_json(args.homoscedastic)
+    het = _read_json(args.heteroscedastic)
     if args.json is not None:
         write_json_atomic(args.json, {"homoscedastic": hom, "heteroscedastic": het})
     print(render(hom, het))

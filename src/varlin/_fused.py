@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from . import functional
-from .functional import _affine, _flip_signs, _plain_ops_only, positive_scale
-from .kl import _fast_path, _kl_sum_grads, _kl_sum_value, _prior_scalars, normal_kl
+from .functional import _affine, _flip_signs, positive_scale
+from .kl import _fast_path, _kl_sum_grads, _kl_sums_value, normal_kl
 
 __all__: list[str] = []
 
@@ -49,11 +49,10 @@ def fusable(x: Tensor, loc: Tensor, priors: Sequence[tuple[Tensor, Tensor, Tenso
     return (
         x.dim() >= 2
         and x.dtype == loc.dtype
-        and loc.dtype != torch.float16
         and x.device == loc.device
         and x.stride(0) != 0  # a repeated batch (Monte Carlo slices) takes functional's path
-        and not _plain_ops_only()
         and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
+        # the KL's closed-form path: not float16, torch.compile or torch.func, prior shapes
         and all(_fast_path(q, q, p_loc, p_scale) for q, p_loc, p_scale in priors)
     )
 
@@ -109,12 +108,7 @@ class _MeanFieldStep(torch.autograd.Function):
         if b_loc is not None:
             assert b_scale is not None and p_b_loc is not None and p_b_scale is not None
             groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
-        ctx.scalars = [_prior_scalars(g[2], g[3], g[0]) for g in groups]
-        kl: Tensor | None = None
-        for group, scalars in zip(groups, ctx.scalars, strict=True):
-            value = _kl_sum_value(*group, scalars)
-            kl = value if kl is None else kl + value
-        assert kl is not None
+        kl, ctx.scalars = _kl_sums_value(groups)
         x2d = x.reshape(-1, x.shape[-1])
         rand: dict[str, Any] = {"device": loc.device, "dtype": loc.dtype}
         if generator is not None:

@@ -105,6 +105,13 @@ def one_of(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def generator(name: str, value: Any) -> torch.Generator | None:
+    """``value`` if it is a :class:`torch.Generator` or ``None``, else a one-line TypeError."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {describe(value)}")
+    return value
+
+
 def floating_tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -136,6 +136,21 @@ def _kl_sum_value(
     return torch.tensor(value, dtype=q_scale.dtype, device=q_scale.device)
 
 
+def _kl_sums_value(
+    groups: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
+) -> tuple[Tensor, list[tuple[float, float] | None]]:
+    """:func:`_kl_sum_value` of every group ``(q_loc, q_scale, p_loc, p_scale)``, added in
+    order, and each group's prior numbers (:func:`_prior_scalars`) for the backward."""
+    scalars = [_prior_scalars(p_loc, p_scale, q_loc) for q_loc, _, p_loc, p_scale in groups]
+    total: Tensor | None = None
+    for group, numbers in zip(groups, scalars, strict=True):
+        value = _kl_sum_value(*group, numbers)
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("a KL sum needs at least one group")
+    return total, scalars
+
+
 def _kl_sum_grads(
     grad: Tensor,
     q_loc: Tensor,
@@ -234,14 +249,8 @@ class _NormalKLSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *tensors: Tensor) -> Tensor:
         ctx.save_for_backward(*tensors)
-        ctx.scalars = []
-        total: Tensor | None = None
-        for i in range(0, len(tensors), 4):
-            q_loc, q_scale, p_loc, p_scale = tensors[i : i + 4]
-            ctx.scalars.append(_prior_scalars(p_loc, p_scale, q_loc))
-            value = _kl_sum_value(q_loc, q_scale, p_loc, p_scale, ctx.scalars[-1])
-            total = value if total is None else total + value
-        assert total is not None  # normal_kl_sums passes at least two groups
+        groups = [tensors[i : i + 4] for i in range(0, len(tensors), 4)]
+        total, ctx.scalars = _kl_sums_value(groups)  # type: ignore[arg-type]
         return total
 
     @staticmethod

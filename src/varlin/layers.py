@@ -14,6 +14,7 @@ as the family allows. They differ only in what ``forward`` returns:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -105,11 +106,7 @@ class BayesianLinearBase(nn.Module):
             raise TypeError(f"bias must be a bool, got {V.describe(bias)}")
         self.estimator: str = V.one_of("estimator", estimator, _ESTIMATORS)
         init_scale = V.real("init_scale", init_scale, min_value=0.0, strict=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None, got {V.describe(generator)}"
-            )
-        self.generator = generator
+        self.generator = V.generator("generator", generator)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
         family, bias_factor = _posteriors.build(
@@ -327,10 +324,10 @@ class BayesianLinearBase(nn.Module):
             num_weight_samples=self._num_weight_samples,
         )
 
-    def _fused_step(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _fused_step(self, x: Tensor, record: bool) -> tuple[Tensor, Tensor] | None:
         """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
-        (:mod:`varlin._fused`: the same values, a lean backward); ``None`` where it does not
-        apply."""
+        (:mod:`varlin._fused`: the same values, a lean backward), the KL kept for
+        :func:`recording_kl` if ``record``; ``None`` where it does not apply."""
         family, bias = self.w_posterior, self.b_posterior
         if (
             type(family) is not MeanFieldNormal
@@ -348,11 +345,15 @@ class BayesianLinearBase(nn.Module):
             checks.append((bias.loc, *b_prior))
         if not _fused.fusable(x, family.loc, checks):
             return None
-        return _fused.meanfield_step(
+        y, kl = _fused.meanfield_step(
             self.estimator, x, family.loc, family.raw_scale,
             None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
             w_prior, b_prior, self.generator,
         )  # fmt: skip
+        if record:
+            assert self._kl_record is not None
+            self._kl_record.append(kl)
+        return y, kl
 
     def _records_kl(self) -> bool:
         """Whether this call keeps its KL for :func:`recording_kl`: inside the block, with
@@ -425,13 +426,9 @@ class LinearVariationalNormal(BayesianLinearBase):
         else:
             kl_weight = V.real("kl_weight", kl_weight, min_value=0.0)
         self._check_x(x)
-        step = self._fused_step(x)
+        step = self._fused_step(x, record=self._records_kl())
         if step is not None:
-            y, kl = step
-            if self._records_kl():
-                assert self._kl_record is not None
-                self._kl_record.append(kl)
-            return y, kl_weight * kl
+            return step[0], kl_weight * step[1]
         # The family's constrained tensors (softplus, factors) once per step, shared by the
         # sample and the KL (autograd adds both gradients before one softplus backward).
         t = self._realise()
@@ -452,13 +449,8 @@ class VariationalLinear(BayesianLinearBase):
         self._check_x(x)
         # Inside recording_kl, the output and the KL in one step, the KL kept for the caller;
         # elsewhere the plain operations, which cost less per call for the output alone.
-        step = self._fused_step(x) if self._records_kl() else None
-        if step is None:
-            return self._sample_checked(x)
-        y, kl = step
-        assert self._kl_record is not None
-        self._kl_record.append(kl)
-        return y
+        step = self._fused_step(x, record=True) if self._records_kl() else None
+        return self._sample_checked(x) if step is None else step[0]
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -485,11 +477,13 @@ def variational_layers(model: nn.Module) -> Iterator[BayesianLinearBase]:
 def kl_divergence(model: nn.Module) -> Tensor:
     """Sum of the (unweighted) KL divergences of every variational layer in ``model`` (0-dim).
 
-    A model with no variational layer has KL 0.
+    A model with no variational layer has KL 0. Inside :func:`recording_kl`, a layer that
+    computed its KL with its output gives that one (the same value, no second pass).
     """
     total: Tensor | None = None
     for layer in variational_layers(model):
-        kl = layer.kl_divergence()
+        # A layer called twice drew two samples but has one KL.
+        kl = layer._kl_record[0] if layer._kl_record else layer.kl_divergence()
         total = kl if total is None else total + kl
     if total is None:
         param = next(model.parameters(), None)
@@ -500,47 +494,31 @@ def kl_divergence(model: nn.Module) -> Tensor:
 @contextlib.contextmanager
 def recording_kl(model: nn.Module) -> Iterator[Callable[[], Tensor]]:
     """Inside the block, layers keep the KL they compute with their output; the function yielded
-    returns :func:`kl_divergence` of ``model``, the same value, bit for bit.
+    is :func:`kl_divergence` of ``model``, which takes them: the same value, bit for bit.
 
     A mean-field layer with Normal priors computes its output and its KL in one step (one
     softplus, one autograd node); recording that KL spares :func:`kl_divergence` a second pass
     over the layer's parameters. A layer that recorded nothing (another family or prior, a
-    layer not called, ``torch.func`` transforms) has its KL computed by the function, in module
-    order as :func:`kl_divergence` adds them. Call the function after the forward pass, inside
-    the block or after it.
+    layer not called, ``torch.func`` transforms) has its KL computed as usual. Call the
+    function inside the block, after the forward pass (after the block it computes every KL
+    again).
 
     Example:
         >>> with varlin.layers.recording_kl(model) as kl:
-        ...     output = model(x)
-        >>> loss = elbo(output, y, kl())  # the same loss as with varlin.kl_divergence(model)
+        ...     loss = elbo(model(x), y, kl())  # the loss of varlin.kl_divergence(model)
     """
-    # A layer whose class computes its KL otherwise records nothing: the function asks it.
+    # A layer whose class computes its KL otherwise records nothing: its own method is asked.
     layers = [
         layer
         for layer in variational_layers(model)
         if type(layer).kl_divergence is BayesianLinearBase.kl_divergence
         and type(layer)._kl_divergence is BayesianLinearBase._kl_divergence
     ]
-    every = list(variational_layers(model))
     saved = [layer._kl_record for layer in layers]
-    records: list[list[Tensor]] = [[] for _ in layers]
-
-    def total() -> Tensor:
-        kl: Tensor | None = None
-        recorded = {id(layer): record for layer, record in zip(layers, records, strict=True)}
-        for layer in every:
-            record = recorded.get(id(layer))
-            # A layer called twice drew two samples but has one KL.
-            value = record[0] if record else layer.kl_divergence()
-            kl = value if kl is None else kl + value
-        if kl is None:
-            return kl_divergence(model)
-        return kl
-
     try:
-        for layer, record in zip(layers, records, strict=True):
-            layer._kl_record = record
-        yield total
+        for layer in layers:
+            layer._kl_record = []
+        yield functools.partial(kl_divergence, model)
     finally:
         for layer, old in zip(layers, saved, strict=True):
             layer._kl_record = old

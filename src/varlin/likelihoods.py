@@ -27,8 +27,6 @@ example, so a model output ``(N, 1)`` pairs with targets ``(N,)`` for :class:`Ga
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,12 +77,6 @@ def _noise_floor(scale: Tensor) -> Tensor:
 
 #: The Gaussian outputs a likelihood integrates over (propagated moments, closed-form heads).
 _GAUSSIAN_OUTPUTS = (Normal, MultivariateNormal, LowRankMultivariateNormal)
-
-
-def _check_generator(generator: Any) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {V.describe(generator)}")
-    return generator
 
 
 def _gaussian_draws(
@@ -171,7 +163,7 @@ class Likelihood(nn.Module):
         Returns:
             The log density of each example, summed over its target dimensions, ``(N,)``.
         """
-        generator = _check_generator(generator)
+        generator = V.generator("generator", generator)
         if isinstance(output, Distribution):
             if not isinstance(output, _GAUSSIAN_OUTPUTS):
                 raise TypeError(
@@ -467,12 +459,13 @@ class _LogitSampling(Likelihood):
                 f"the logits, got {V.describe(output)}"
             )
         num_samples = V.positive_int("num_samples", num_samples)
-        return _gaussian_draws(output, num_samples, _check_generator(generator))
+        return _gaussian_draws(output, num_samples, V.generator("generator", generator))
 
     def _gaussian_expected_log_prob(
         self, output: Distribution, target: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
-        logits = self.sample_logits(output, self.logit_samples, generator=generator)
+        # expected_log_prob checked the output and the generator; __init__ the sample count
+        logits = _gaussian_draws(output, self.logit_samples, generator)
         return self.expected_log_prob(logits, target, samples=True)
 
     def extra_repr(self) -> str:

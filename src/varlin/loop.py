@@ -549,13 +549,19 @@ def run(
                     of = f" of model {bad[0]}" if trainee.num_models > 1 else ""
                     raise _Diverged(f"a parameter{of} became non-finite in epoch {epoch}")
                 records = _epoch_records(sums, rows, steps, epoch, beta, step.lr)
+                # The members once per epoch (stacked models copy every parameter out for it).
+                members = (
+                    trainee.members()
+                    if parts.learned_priors or parts.evaluation is not None
+                    else []
+                )
                 if parts.learned_priors:
-                    for record, (model, _) in zip(records, trainee.members(), strict=True):
+                    for record, (model, _) in zip(records, members, strict=True):
                         record.update(
                             {f"prior_scale.{n}": s for n, s in learned_scales(model).items()}
                         )
                 if parts.evaluation is not None:
-                    scores = parts.evaluation(trainee.members(), active)
+                    scores = parts.evaluation(members, active)
                     for record, score in zip(records, scores, strict=True):
                         record.update(score)
                     stopper.update(trainee, epoch, [s.get("val_nll") for s in scores])

@@ -88,8 +88,7 @@ class Objective(nn.Module):
     def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
         # The KL that mean-field layers compute with their output, not a second pass.
         with recording_kl(self.model) as kl:
-            output = self.output(x)
-        return self.elbo.terms(output, y, kl(), beta=beta)
+            return self.elbo.terms(self.output(x), y, kl(), beta=beta)
 
 
 class MomentObjective(Objective):
@@ -112,14 +111,15 @@ class MomentObjective(Objective):
     def __init__(self, model: nn.Module, elbo: ELBO, covariance: str = "diagonal") -> None:
         super().__init__(model, elbo)
         self.covariance = covariance
+        # Once per fit: the layers (and their generators) do not change while it runs.
+        self.generator = noise_generator(model)
 
     def output(self, x: Tensor) -> Distribution:
         return propagate(self.model, x, covariance=self.covariance)
 
     def forward(self, x: Tensor, y: Tensor, beta: float) -> ELBOTerms:
         kl = kl_divergence(self.model)
-        generator = noise_generator(self.model)
-        return self.elbo.terms(self.output(x), y, kl, beta=beta, generator=generator)
+        return self.elbo.terms(self.output(x), y, kl, beta=beta, generator=self.generator)
 
 
 #: The values of ``fit``'s ``method``: the Monte Carlo ELBO, or the moment-propagation one.

@@ -25,7 +25,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .conjugate import BayesianLinearRegression
 from .data import Standardizer, UCIDataset
-from .uci_protocol import SplitArrays
+from .uci_protocol import SplitArrays, original_units_log_likelihood
 
 __all__ = [
     "GAP_MIN_DISTINCT",
@@ -152,7 +151,6 @@ def linear_reference(split: SplitArrays) -> tuple[float, float]:
     model = BayesianLinearRegression(fit_intercept=True, optimize=True).fit(x, y)
     pred = model.predict(torch.as_tensor(split.X_eval, dtype=torch.float64))
     y_eval = torch.as_tensor(split.y_eval, dtype=torch.float64)
-    standardized = (y_eval - split.y_mean) / split.y_std
-    ll = (pred.log_prob(standardized) - math.log(split.y_std)).mean()
+    ll = original_units_log_likelihood(pred, y_eval, split.y_mean, split.y_std).mean()
     rmse = (pred.mean * split.y_std + split.y_mean - y_eval).square().mean().sqrt()
     return float(ll), float(rmse)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
+from torch.distributions import Normal
 
 from . import priors
 from .data import Standardizer, UCIDataset
@@ -311,11 +312,12 @@ def build_likelihood(config: UCIConfig) -> Likelihood:
 
 # -- scoring ----------------------------------------------------------------------------------
 def original_units_log_likelihood(
-    pred: RegressionPrediction, y: Tensor, y_mean: float, y_std: float
+    pred: RegressionPrediction | Normal, y: Tensor, y_mean: float, y_std: float
 ) -> Tensor:
     r"""Per-example log predictive density of targets ``y`` given in **original** units.
 
-    ``pred`` is a prediction of standardised targets; the density of :math:`y = m + \sigma\tilde
+    ``pred`` is a prediction of standardised targets (a network's, or the Normal of an exact
+    linear model); the density of :math:`y = m + \sigma\tilde
     y` is that of :math:`\tilde y` divided by :math:`\sigma`, so its log is
     ``pred.log_prob((y - y_mean) / y_std) - log(y_std)``.
 
