@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
+from . import _validation as V
 from .conjugate import BayesianLinearRegression
-from .data import Standardizer, UCIDataset
-from .uci_protocol import SplitArrays, original_units_log_likelihood
+from .data import UCIDataset
+from .uci_protocol import SplitArrays, _standardized_arrays, original_units_log_likelihood
 
 __all__ = [
     "GAP_MIN_DISTINCT",
@@ -82,8 +83,7 @@ def gap_split(X: ArrayLike, dimension: int) -> GapSplit:
     """
     a = _inputs(X)
     n, width = a.shape
-    if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)):
-        raise TypeError(f"dimension must be an int, got {type(dimension).__name__}")
+    dimension = V.integer("dimension", dimension)
     if not 0 <= dimension < width:
         raise ValueError(
             f"dimension must be in [0, {width}) for X with {width} columns, got {dimension}"
@@ -108,10 +108,7 @@ def gap_splits(
         values}`` of the columns skipped.
     """
     a = _inputs(X)
-    if isinstance(min_distinct, bool) or not isinstance(min_distinct, (int, np.integer)):
-        raise TypeError(f"min_distinct must be an int, got {type(min_distinct).__name__}")
-    if min_distinct < 1:
-        raise ValueError(f"min_distinct must be a positive integer, got {min_distinct}")
+    min_distinct = V.positive_int("min_distinct", min_distinct)
     splits, skipped = [], {}
     for d in range(a.shape[1]):
         distinct = int(np.unique(a[:, d]).size)
@@ -125,17 +122,7 @@ def gap_splits(
 def prepare_gap_split(dataset: UCIDataset, split: GapSplit) -> SplitArrays:
     """``split``'s arrays, standardised with its training rows' statistics (``index``: its
     dimension, which also seeds the model as a split number does)."""
-    x_scaler = Standardizer.fit(dataset.X[split.train])
-    y_scaler = Standardizer.fit(dataset.y[split.train])
-    return SplitArrays(
-        split.dimension,
-        x_scaler.transform(dataset.X[split.train]),
-        y_scaler.transform(dataset.y[split.train]),
-        x_scaler.transform(dataset.X[split.test]),
-        dataset.y[split.test].copy(),
-        float(y_scaler.mean),
-        float(y_scaler.std),
-    )
+    return _standardized_arrays(dataset, split.dimension, split.train, split.test)
 
 
 def linear_reference(split: SplitArrays) -> tuple[float, float]:

@@ -258,15 +258,22 @@ def prepare_split(
             f"split {i} of {dataset.name} has {order.size} training rows, too few to hold out "
             f"val_fraction={val_fraction}"
         )
-    fit_idx, val_idx = order[n_val:], order[:n_val]
-    x_scaler = Standardizer.fit(dataset.X[fit_idx])
-    y_scaler = Standardizer.fit(dataset.y[fit_idx])
+    return _standardized_arrays(dataset, i, order[n_val:], order[:n_val])
+
+
+def _standardized_arrays(
+    dataset: UCIDataset, index: int, fit_rows: NDArray[np.int64], eval_rows: NDArray[np.int64]
+) -> SplitArrays:
+    """The rows ``fit_rows`` to train on and ``eval_rows`` to score, standardised with the
+    statistics of ``fit_rows`` alone (the evaluation targets stay in original units)."""
+    x_scaler = Standardizer.fit(dataset.X[fit_rows])
+    y_scaler = Standardizer.fit(dataset.y[fit_rows])
     return SplitArrays(
-        i,
-        x_scaler.transform(dataset.X[fit_idx]),
-        y_scaler.transform(dataset.y[fit_idx]),
-        x_scaler.transform(dataset.X[val_idx]),
-        dataset.y[val_idx].copy(),
+        index,
+        x_scaler.transform(dataset.X[fit_rows]),
+        y_scaler.transform(dataset.y[fit_rows]),
+        x_scaler.transform(dataset.X[eval_rows]),
+        dataset.y[eval_rows].copy(),
         float(y_scaler.mean),
         float(y_scaler.std),
     )
