@@ -275,7 +275,11 @@ class Family(nn.Module):
             return out_mean, fixed + spread @ (w_std.square() + w_loc.square())
         if spread.dim() == mean.dim():  # variances: C = diag(v), without forming it
             carried = (w_loc * spread.unsqueeze(-1)).mT @ w_loc
-            return out_mean, fixed + self._weight_trace_diagonal(spread, t) + carried
+            if self.independent_outputs:  # uncorrelated columns: T(diag v) = diag(v @ s^2)
+                trace = torch.diag_embed(spread @ w_std.square())
+            else:
+                trace = self._weight_trace_diagonal(spread, t)
+            return out_mean, fixed + trace + carried
         return out_mean, fixed + self._weight_trace(spread, t) + w_loc.mT @ spread @ w_loc
 
     def _fixed_output_moments(self, x: Tensor, t: Any, *, full: bool) -> tuple[Tensor, Tensor]:
@@ -494,9 +498,6 @@ class MeanFieldNormal(Family):
 
     def _weight_trace(self, cov: Tensor, t: _MeanFieldTensors) -> Tensor:
         return _uncorrelated_trace(cov, t.scale)
-
-    def _weight_trace_diagonal(self, var: Tensor, t: _MeanFieldTensors) -> Tensor:
-        return torch.diag_embed(var @ t.scale.square())
 
     def set_scale(self, scale: Tensor) -> None:
         """Set every entry's standard deviation (a tensor of ``shape``; inverted in float64)."""
@@ -1476,9 +1477,6 @@ class Radial(_Joint):
 
     def _weight_trace(self, cov: Tensor, t: _RadialTensors) -> Tensor:
         return _uncorrelated_trace(cov, self.marginals(t)[1])
-
-    def _weight_trace_diagonal(self, var: Tensor, t: _RadialTensors) -> Tensor:
-        return torch.diag_embed(var @ self.marginals(t)[1].square())
 
     def _noise(
         self, t: _RadialTensors, lead: tuple[int, ...], generator: torch.Generator | None
