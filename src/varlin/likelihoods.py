@@ -41,7 +41,7 @@ from torch.distributions import (
 
 from . import _validation as V
 from ._quadrature import gauss_hermite
-from .functional import inverse_softplus
+from .functional import _normal, inverse_softplus
 
 __all__ = ["Likelihood", "Gaussian", "HeteroscedasticGaussian", "Bernoulli", "Categorical"]
 
@@ -89,19 +89,15 @@ def _gaussian_draws(
     with the noise drawn from ``generator``.
     """
     loc = output.mean
-
-    def normals(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
-
     shape = (num_samples, *output.batch_shape, *output.event_shape)
-    eps = normals(*shape)
+    eps = _normal(shape, generator, loc)
     if isinstance(output, Normal):
         return output.loc + eps * output.scale
     if isinstance(output, MultivariateNormal):
         return loc + (output.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
     if isinstance(output, LowRankMultivariateNormal):
         factor = output.cov_factor
-        eps_w = normals(*shape[:-1], factor.shape[-1])
+        eps_w = _normal((*shape[:-1], factor.shape[-1]), generator, loc)
         low_rank = (factor @ eps_w.unsqueeze(-1)).squeeze(-1)
         return loc + low_rank + output.cov_diag.sqrt() * eps
     raise TypeError(f"no Gaussian draws from a {type(output).__name__}")  # pragma: no cover

@@ -519,7 +519,7 @@ def _normal_entropy(scale: Tensor) -> Tensor:
 
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return functional._normal(shape, generator, like)
 
 
 def _uncorrelated_trace(cov: Tensor, w_std: Tensor) -> Tensor:
