@@ -264,10 +264,10 @@ def _run_split(name: str, index: int, cfg: Any, methods: Sequence[str]) -> dict[
     x, y, xt = _tensor(split.X_train), _tensor(split.y_train), _tensor(split.X_eval)
     y_test = torch.as_tensor(split.y_eval, dtype=torch.float64)
     results: dict[str, Any] = {}
+    run_cfg = argparse.Namespace(**{**vars(cfg), "seed": index})
+    repeats = getattr(cfg, "repeats", 1)  # a JSON written before --repeats: one run
     for method in methods:
-        run_cfg = argparse.Namespace(**{**vars(cfg), "seed": index})
         mean, std, seconds, cpu = _timed(method, net, x, y, xt, run_cfg)
-        repeats = getattr(cfg, "repeats", 1)  # a JSON written before --repeats: one run
         if repeats > 1:
             again = [_timed(method, net, x, y, xt, run_cfg)[2:] for _ in range(repeats - 1)]
             seconds = statistics.median([seconds, *(wall for wall, _ in again)])
@@ -528,10 +528,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    return "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+
+
+def _saved(out: Path) -> Any:
+    """The ``last_layer.json`` of an earlier run in ``out``."""
+    return json.loads((out / "last_layer.json").read_text())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.render_only:
-        data = json.loads((args.out / "last_layer.json").read_text())
+        data = _saved(args.out)
         data["goals"] = goals(data["summary"], data["methods"])
         write_outputs(data, args.out)
         return 0
@@ -545,11 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks += [(name, i) for i in range(args.first_split, stop)]
     started, load_before = time.perf_counter(), _load_average()
     runs = _run_all(tasks, args, methods)
-    command = "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    command = _command(argv)
     seconds = time.perf_counter() - started
     loads = [[load_before, _load_average()]]
     if args.append:  # e.g. splits 10-19 after a run of 0-9: one table over all of them
-        old = json.loads((args.out / "last_layer.json").read_text())
+        old = _saved(args.out)
         if old["methods"] != methods:
             raise SystemExit(f"--append: the JSON has methods {old['methods']}, not {methods}")
         done = {(run["dataset"], run["split"]) for run in runs}
@@ -599,7 +608,7 @@ def retime(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     largest change of its test log-likelihood and RMSE against the saved run, so that a re-run
     for timing shows whether the scores moved.
     """
-    data = json.loads((args.out / "last_layer.json").read_text())
+    data = _saved(args.out)
     methods = args.retime.split(",")
     missing = sorted(set(methods) - set(data["methods"]))
     if missing:
@@ -626,7 +635,7 @@ def retime(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             run["results"][method] = new
     for method, (ll, rmse) in changes.items():
         print(f"{method}: largest change of test LL {ll:.2e}, of RMSE {rmse:.2e}", file=sys.stderr)
-    command = "python benchmarks/last_layer.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
+    command = _command(argv)
     data["command"] = f"{data['command']}; {command}"
     data["retimed"] = {
         "methods": methods,
