@@ -299,7 +299,9 @@ class Prior(nn.Module):
             # getattr, not get_parameter: under torch.func.functional_call (fit_ensemble) the
             # parameter is swapped for a plain tensor.
             return positive_scale(getattr(self, _RAW + slot))
-        return self.get_buffer(slot)
+        buffer = self._buffers[slot]  # per step: not get_buffer's walk of a dotted path
+        assert buffer is not None
+        return buffer
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the distribution by name, a learned one constrained (:meth:`tensor`)."""
