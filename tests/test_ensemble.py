@@ -403,12 +403,14 @@ def test_a_non_finite_model_stops_the_run_and_every_model_keeps_its_last_good_st
                 optimizer=lambda p: Sabotage(p, lr=0.02), **options,
             )
         )  # fmt: skip
-    # The last good state is the end of epoch 1, where a clean 2-epoch run (constant lr) ends.
+    # The last good state is the end of epoch 1, where a clean 2-epoch run (constant lr, the
+    # same plain Adam) ends.
     clean = [_model(i, init_scale=0.05) for i in range(3)]
     _quiet(
         lambda: fit_ensemble(
             [m for m, _ in clean], [d.x for d in DATA], [d.y for d in DATA],
             likelihoods=[lik for _, lik in clean], **{**options, "epochs": 2},
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.02),
         )
     )  # fmt: skip
     for (model, lik), (ref, ref_lik) in zip(built, clean, strict=True):

@@ -24,8 +24,60 @@ from varlin.errors import CheckpointError
 from varlin.evaluation import EarlyStopping, Evaluation
 from varlin.history import History
 from varlin.likelihoods import Gaussian
-from varlin.loop import STATE_KEYS, DataParallelHooks, Progress, Schedule, Step, _Diverged
+from varlin.loop import (
+    STATE_KEYS,
+    DataParallelHooks,
+    Progress,
+    Schedule,
+    Step,
+    _Diverged,
+    default_optimizer,
+)
 from varlin.training import SingleModel
+
+# -- the default optimiser --------------------------------------------------------------------
+
+
+def _adam_run(make: Any, steps: int = 20) -> list[Tensor]:
+    """``steps`` Adam steps on three tensors of different shapes from fixed gradients."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(shape, generator=g)) for shape in [(7, 5), (5,), ()]]
+    opt = make(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def test_default_optimizer_is_fused_adam_and_updates_as_the_plain_one() -> None:
+    opt = default_optimizer([nn.Parameter(torch.zeros(3))], 0.1)
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["lr"] == 0.1
+    assert opt.defaults["fused"] is True  # torch 2.4+ has a CPU kernel; the pinned torch does
+    fused = _adam_run(lambda p: default_optimizer(p, 0.05))
+    plain = _adam_run(lambda p: torch.optim.Adam(p, 0.05))
+    for a, b in zip(fused, plain, strict=True):
+        # 20 steps of size <= lr from the same gradients: equal to float32 rounding
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_default_optimizer_falls_back_to_plain_adam_where_torch_refuses_fused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class OldAdam(torch.optim.Adam):  # an older torch: no fused kernel for the CPU
+        def __init__(self, params: Any, lr: float, **kwargs: Any) -> None:
+            if kwargs.get("fused"):
+                raise RuntimeError("`fused=True` requires all the params to be on CUDA")
+            super().__init__(params, lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", OldAdam)
+    params = (p for p in [nn.Parameter(torch.zeros(3))])  # an iterator is read once
+    opt = default_optimizer(params, 0.1)  # type: ignore[arg-type]
+    assert type(opt) is OldAdam and not opt.defaults["fused"]
+    assert len(opt.param_groups[0]["params"]) == 1
+    with pytest.raises(ValueError, match="empty parameter list"):  # real errors still raise
+        default_optimizer([], 0.1)
+
 
 # -- schedule ---------------------------------------------------------------------------------
 

@@ -426,7 +426,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path: Path) -> 
 def test_non_finite_parameter_at_the_end_of_an_epoch(tmp_path: Path) -> None:
     """A step that writes NaN into a parameter on an epoch's last step is caught too."""
     model, likelihood = _small()
-    _fit(model, likelihood, epochs=1, lr_schedule="constant")
+    plain = {"lr_schedule": "constant", "optimizer": lambda p: torch.optim.Adam(p, lr=0.02)}
+    _fit(model, likelihood, epochs=1, **plain)
     expected = _state(model, likelihood)
 
     class Sabotage(torch.optim.Adam):

@@ -56,6 +56,7 @@ __all__ = [
     "Schedule",
     "Step",
     "Trainee",
+    "default_optimizer",
     "run",
 ]
 
@@ -404,6 +405,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+def default_optimizer(params: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
+    """The loop's optimiser when none is given: ``torch.optim.Adam(params, lr)``, run as torch's
+    fused kernel where it has one for the parameters (the CPU from torch 2.4, CUDA).
+
+    The fused kernel updates every parameter in one call instead of a dozen operations per
+    tensor: on a 2-core CPU one step over a layer's four tensors takes a third to a quarter of
+    the time at every size (``benchmarks/fit_step.py``), the same update to float rounding.
+    Where torch refuses it (an older torch on the CPU, another device) the plain Adam runs.
+    """
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr, fused=True)
+    except (RuntimeError, ValueError):  # refused (a plain Adam raises real errors again)
+        return torch.optim.Adam(params, lr)
+
+
 class _Parts:
     """Every part of one run, built from the options, and the run's state across them."""
 
@@ -421,7 +438,7 @@ class _Parts:
         self.optimizer = (
             make(params)  # type: ignore[arg-type]
             if make is not None
-            else torch.optim.Adam(params, options.lr)
+            else default_optimizer(params, options.lr)
         )
         self.schedule = Schedule(
             options.lr_schedule,

@@ -299,7 +299,9 @@ def fit(
         batch_size: minibatch size for tensor data.
         num_data: dataset size ``N`` for the KL scaling (default: ``len(x)`` or
             ``len(loader.dataset)``; under data parallelism, the global size).
-        lr: Adam's learning rate; ``optimizer`` (params -> optimizer) replaces Adam.
+        lr: Adam's learning rate (torch's fused Adam where it has one for the parameters:
+            :func:`varlin.loop.default_optimizer`); ``optimizer`` (params -> optimizer)
+            replaces Adam.
         lr_schedule: ``"cosine"`` (decay to 0 over the run, per step) or ``"constant"``.
         beta: KL weight (1 gives the ELBO).
         kl_warmup_epochs: KL warm-up: ``beta`` ramps linearly, ``beta * (epoch + 1) / k`` for the
