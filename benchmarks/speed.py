@@ -1441,8 +1441,8 @@ _ABOVE_FLOOR = (
     "arithmetic through autograd op by op 0.94 ms, varlin's one-node step with the MSE 0.97 ms "
     "and through the module 1.05 ms: at this size the bookkeeping is a third of the step, and "
     "it vanishes by 2048. Per weight, varlin does one pass more than the floor (the scale's "
-    "floor at `tiny`) and forms the KL from t = σ − s (a temporary and two reductions more "
-    "than the floor's Σσ² − n, which loses the KL's digits near the prior)"
+    "floor at `tiny`) and forms the KL from t = σ/s − 1 (a temporary and a pass more than the "
+    "floor's Σσ² − n, which loses the KL's digits near the prior)"
 )
 _REASONS.update({
     ("floor", "varlin.reparameterization"): _ABOVE_FLOOR,
