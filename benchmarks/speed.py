@@ -51,8 +51,9 @@ The convolution table (issue 13, ``--conv``, ``speed_conv.json``): 3×3 convolut
 channels, at 64 channels on 32×32 inputs and 128 channels on 16×16 (batch 64); train step and
 single-sample inference of ``varlin.VariationalConv2d`` (each estimator) and of the peers'
 convolutions (bayesian-torch ``Conv2dReparameterization``/``Conv2dFlipout``, blitz
-``BayesianConv2d``, torchbnn ``BayesConv2d``), as ratios to ``nn.Conv2d`` in the same rounds; the
-load average before and after the run is recorded (the machine may be shared).
+``BayesianConv2d``, torchbnn ``BayesConv2d``), as ratios to ``nn.Conv2d`` in the same rounds,
+each of varlin's train rows also as a ratio to its floor (:class:`ConvFloor`); the load average
+before and after the run is recorded (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -641,6 +642,84 @@ class Floor:
             return torch.addmm(b, x, torch.addcmul(self.mu, sigma, eps))
         p = torch.addmm(sb.mul_(eps_b), x * sign_in, sigma.mul_(eps))
         return torch.addmm(self.mu_b, x, self.mu).addcmul_(p, sign_out)
+
+
+class ConvFloor(Floor):
+    """:class:`Floor` for a 2-D convolution, ``c -> c`` channels, 3×3 kernel, padding 1.
+
+    The four tensors in the kernel's layout (``mu``, ``rho``: ``(c, c, 3, 3)``), the noise in the
+    order :class:`varlin.VariationalConv2d` draws it, the gradients of
+    ``MSE(y, t) + KL(q || N(0, 1)) / N`` by hand, the convolutions' weight (and bias) gradients
+    by ``aten.convolution_backward``. Per estimator:
+
+    - reparameterization: one kernel-sized normal draw, one convolution forward and one weight
+      gradient, the KL elementwise over the kernel;
+    - local: two convolutions forward (mean, variance), two weight gradients, B×C×H×W normals;
+    - flipout: one kernel-sized draw, B×(C_in + C_out) signs, two convolutions forward and two
+      weight gradients.
+    """
+
+    def __init__(self, estimator: str, channels: int, device: torch.device, *,
+                 init_scale: float = 1e-2, num_data: int = NUM_DATA) -> None:  # fmt: skip
+        super().__init__(estimator, channels * 9, channels, device,
+                         init_scale=init_scale, num_data=num_data)  # fmt: skip
+        self.mu = self.mu.t().reshape(channels, channels, 3, 3).contiguous()
+        self.rho = self.rho.t().reshape(channels, channels, 3, 3).contiguous()
+
+    @staticmethod
+    def _grads(g: Tensor, inp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The weight's and the bias's gradients of ``conv2d(inp, weight, b, padding=1)``."""
+        _, g_w, g_b = torch.ops.aten.convolution_backward(
+            g, inp, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, True, True],
+        )  # fmt: skip
+        return g_w, g_b
+
+    def loss_and_grads(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
+        gen = self.generator
+        kwargs: dict[str, Any] = {} if gen is None else {"generator": gen}
+        mu, mu_b = self.mu, self.mu_b
+        sigma, sb = F.softplus(self.rho), F.softplus(self.rho_b)
+        if self.estimator == "local":
+            x2 = x * x
+            mean = F.conv2d(x, mu, mu_b, padding=1)
+            eps = torch.randn(mean.shape, device=x.device, **kwargs)
+            s2 = sigma * sigma
+            std = F.conv2d(x2, s2, sb * sb, padding=1).sqrt_()
+            r = torch.addcmul(mean, std, eps).sub_(t)
+        else:
+            eps = torch.randn(mu.shape, device=x.device, **kwargs)
+            eps_b = torch.randn(mu_b.shape, device=x.device, **kwargs)
+            if self.estimator == "reparameterization":
+                w, b = torch.addcmul(mu, sigma, eps), torch.addcmul(mu_b, sb, eps_b)
+                r = F.conv2d(x, w, b, padding=1).sub_(t)
+            else:
+                mean = F.conv2d(x, mu, mu_b, padding=1)
+                sign_in = _signs((x.shape[0], x.shape[1], 1, 1), gen, x)
+                xs, delta_w = x * sign_in, sigma * eps
+                p = F.conv2d(xs, delta_w, sb * eps_b, padding=1)
+                sign_out = _signs((x.shape[0], mu.shape[0], 1, 1), gen, x)
+                r = torch.addcmul(mean, p, sign_out).sub_(t)
+        flat = r.view(-1)
+        loss = flat.dot(flat) / flat.numel() + self.kl_weight * self._kl(sigma, sb)
+        g = r.mul_(2.0 / flat.numel())  # d loss / d y
+        if self.estimator == "reparameterization":
+            g_mu, g_mu_b = self._grads(g, x, w)
+            g_sigma, g_sb = g_mu * eps, g_mu_b * eps_b
+        elif self.estimator == "local":
+            g_mu, g_mu_b = self._grads(g, x, mu)
+            g_sigma, g_sb = self._grads(g.mul_(eps).div_(std), x2, s2)  # 2 d loss / d var
+            g_sigma, g_sb = g_sigma.mul_(sigma), g_sb.mul_(sb)
+        else:
+            g_mu, g_mu_b = self._grads(g, x, mu)
+            g_sigma, g_sb = self._grads(g.mul_(sign_out), xs, delta_w)
+            g_sigma, g_sb = g_sigma.mul_(eps), g_sb.mul_(eps_b)
+        g_mu, g_rho = self._add_kl_grads(g_mu, g_sigma, mu, sigma, self.rho)
+        g_mu_b, g_rho_b = self._add_kl_grads(g_mu_b, g_sb, mu_b, sb, self.rho_b)
+        return loss, [g_mu, g_rho, g_mu_b, g_rho_b]
+
+    def infer(self, x: Tensor) -> Tensor:
+        raise NotImplementedError("the conv table's floors are for the train step")
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -1721,9 +1800,20 @@ def run_conv_size(
                 notes.append(f"{impl.key} ({section}) skipped at {channels}: {exc}")
                 continue
             calls[impl.key], contexts[impl.key] = call, context
+            floor_key = FLOOR_OF.get(impl.key)
+            if section == "train" and floor_key is not None:
+                # The estimator's floor (issue 17), next to it in every round.
+                floor = ConvFloor(floor_key[len(FLOOR_PREFIX) :], channels, device)
+                floor_opt = torch.optim.Adam(floor.params, lr=1e-3)
+                floor_step = functools.partial(floor.train_step, floor_opt, x, target)
+                for _ in range(warmup):
+                    floor_step()
+                calls[floor_key], contexts[floor_key] = floor_step, (lambda: None)
         repeat = _calibrate(calls["nn.Conv2d"], timer, min_seconds)
         baselines = {k: "nn.Conv2d" for k in calls}
-        tables[section] = _interleave(calls, contexts, baselines, timer, rounds, repeat)
+        tables[section] = _interleave(
+            calls, contexts, baselines, timer, rounds, repeat, floors=FLOOR_OF
+        )
     return {"channels": channels, "size": size, "batch": batch, **tables}
 
 
@@ -1802,6 +1892,20 @@ def render_conv_markdown(results: dict[str, Any]) -> str:
                 cells.append("—" if e is None else f"{e['median_ms']:.2f} ({e['ratio']:.2f}×)")
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines.append("")
+    floored = [k for k in FLOOR_OF if any("floor_ratio" in s["train"].get(k, {}) for s in sizes)]
+    if floored:
+        lines += [
+            "| × own floor (median of per-round ratios) | " + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
+        for key in floored:
+            cells = [
+                f"{s['train'][key]['floor_ratio']:.2f}×" if "floor_ratio" in s["train"].get(
+                    key, {}) else "—"
+                for s in sizes
+            ]  # fmt: skip
+            lines.append(f"| train {key} (vs {FLOOR_OF[key]}) | " + " | ".join(cells) + " |")
+        lines += ["", _CONV_FLOOR_NOTE, ""]
     targets = evaluate_conv_targets(results)
     if targets:
         lines += ["| target (issue 13) | measured (× nn.Conv2d) | bound | |", "|---|---:|---|---|"]
@@ -1811,6 +1915,16 @@ def render_conv_markdown(results: dict[str, Any]) -> str:
         lines += ["", *_CONV_NOTES, ""]
     return "\n".join(lines)
 
+
+_CONV_FLOOR_NOTE = (
+    "A conv floor row (`floor: <estimator>`, issue 17) is the least work of the estimator's "
+    "train step as plain torch calls, as for the linear table: the kernel held in its own "
+    "layout (varlin keeps the posterior as the `(in·k·k, out)` matrix of every family and lays "
+    "it out as a kernel each step), no module, no checks, no autograd (the convolutions' weight "
+    "and bias gradients by `aten.convolution_backward`, the rest written out), the noise drawn "
+    "as the layer draws it, the same Adam; `tests/test_bench_speed.py` checks that each floor "
+    "computes the layer's loss and gradients for the same noise."
+)
 
 # What bounds each estimator, whatever the implementation (read with the tables above).
 _CONV_NOTES = (

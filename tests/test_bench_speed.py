@@ -126,10 +126,15 @@ def test_quick_conv_run_writes_the_convolution_table(tmp_path: Path) -> None:
             assert _positive(entry["median_ms"]) and _positive(entry["ratio"])
             assert entry["baseline"] == "nn.Conv2d" and len(entry["times_ms"]) == 2
     assert size["train"]["nn.Conv2d"]["ratio"] == 1.0
+    for estimator in speed.VARLIN_ESTIMATORS:  # issue 17: each estimator beside its floor
+        entry = size["train"][f"varlin.{estimator}"]
+        assert entry["floor"] == f"floor: {estimator}" and _positive(entry["floor_ratio"])
+        assert f"floor: {estimator}" not in size["inference"]
     targets = {row["target"] for row in data["targets"]}
     assert "train varlin.local at 4ch 6×6" in targets
     markdown = (tmp_path / "speed.md").read_text()
     assert "## Convolutions (issue 13)" in markdown and "load average" in markdown
+    assert "| train varlin.local (vs floor: local) |" in markdown
 
 
 def _floor_like(speed, layer, estimator: str):
@@ -211,6 +216,36 @@ def test_floor_that_skips_work_is_caught() -> None:
     _, grads = floor.loss_and_grads(x, t)
     assert layer.w_posterior.raw_scale.grad is not None
     assert not torch.allclose(grads[1], layer.w_posterior.raw_scale.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["reparameterization", "local", "flipout"])
+def test_conv_floor_computes_the_layers_loss_and_gradients(estimator: str) -> None:
+    """The conv table's floors, as the linear ones: for the same noise, the hand-written loss
+    and gradients equal autograd's through ``VariationalConv2d`` (float32 rounding only)."""
+    speed = _load_speed()
+    gen = torch.Generator().manual_seed(6)
+    c = 3
+    layer = varlin.VariationalConv2d(c, c, 3, padding=1, estimator=estimator, generator=gen)
+    with torch.no_grad():  # scales away from their common initial value
+        layer.w_posterior.raw_scale.copy_(torch.randn(c * 9, c, generator=gen) - 1.0)
+        layer.b_posterior.raw_scale.copy_(torch.randn(c, generator=gen) - 1.0)
+    x, t = torch.randn(4, c, 5, 5, generator=gen), torch.randn(4, c, 5, 5, generator=gen)
+    floor = speed.ConvFloor(estimator, c, torch.device("cpu"))
+    params = _layer_params(layer)
+    as_kernel = [layer.kernel, layer.kernel, lambda v: v, lambda v: v]
+    with torch.no_grad():
+        for mine, theirs, lay_out in zip(floor.params, params, as_kernel, strict=True):
+            mine.copy_(lay_out(theirs))
+    floor.generator = torch.Generator()
+    gen.manual_seed(7)
+    loss = F.mse_loss(layer(x), t) + varlin.kl_divergence(layer) / speed.NUM_DATA
+    loss.backward()
+    floor.generator.manual_seed(7)
+    floor_loss, grads = floor.loss_and_grads(x, t)
+    torch.testing.assert_close(floor_loss, loss.detach(), rtol=1e-6, atol=0)
+    for param, grad, lay_out in zip(params, grads, as_kernel, strict=True):
+        assert param.grad is not None and bool(param.grad.abs().max() > 0)
+        torch.testing.assert_close(grad, lay_out(param.grad), rtol=1e-5, atol=1e-7)
 
 
 def test_quick_run_has_floor_rows_and_issue_17_targets(tmp_path: Path) -> None:
