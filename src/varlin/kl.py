@@ -107,10 +107,11 @@ def _kl_sum_value(
 
     Per element, :math:`t + t^2/2` and :math:`\log r` come from the same rounded :math:`r`, so
     near the prior their rounding cancels as the elementwise form's does; the terms are summed
-    once (torch's cascade summation; computed in float32 for a bfloat16 layer). Four in-place
-    passes and one reduction over two weight-sized temporaries, instead of the elementwise
-    form's dozen passes and five temporaries, and no ``expm1`` (not vectorised on the CPU). The
-    total, :math:`\ge 0` exactly, is clamped at 0 against rounding. Otherwise the elementwise
+    once (torch's cascade summation; computed in float32 for a bfloat16 layer). Five passes
+    (three in place) and one reduction over two weight-sized temporaries (one more for
+    :math:`s \ne 1`, one for :math:`m \ne 0`), instead of the elementwise form's dozen passes
+    and five temporaries, and no ``expm1`` (not vectorised on the CPU). The total,
+    :math:`\ge 0` exactly, is clamped at 0 against rounding. Otherwise the elementwise
     :func:`normal_kl`, summed.
     """
     if scalars is None:
