@@ -31,7 +31,16 @@ from torch import nn
 import varlin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import Timer, _calibrate, _interleave, _load_before, _machine, _write  # noqa: E402
+from speed import (  # noqa: E402
+    Timer,
+    _calibrate,
+    _interleave,
+    _load_before,
+    _machine,
+    _malloc_sentence,
+    _write,
+    pin_malloc,
+)
 
 SIZES = [(64, 32), (256, 128), (1024, 256)]
 NUM_DATA = 10_000
@@ -102,7 +111,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}; load average (1 min) {result['load_average'][0]:.1f} before the run, "
-        f"{result['load_average'][1]:.1f} after.",
+        f"{result['load_average'][1]:.1f} after." + _malloc_sentence(m),
         "",
     ]
     has_before = any("before_ms" in r for r in result["rows"])
@@ -129,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all CPUs)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                        help="pin glibc's malloc thresholds (as benchmarks/speed.py)")  # fmt: skip
     args = parser.parse_args(argv)
+    malloc = pin_malloc() if args.malloc == "pinned" else "allocator defaults"
     sizes = [(8, 4)] if args.quick else SIZES
     if args.quick:
         args.rounds, args.min_ms = 2, 1.0
@@ -141,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "command": "python benchmarks/fit_step.py "
         + shlex.join(sys.argv[1:] if argv is None else argv),
-        "machine": _machine(torch.device("cpu")),
+        "machine": {**_machine(torch.device("cpu")), "malloc": malloc},
         "load_average": [load, os.getloadavg()[0]],
         "before_label": args.before_label,
         "rows": rows,

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import importlib
@@ -1240,6 +1241,43 @@ def _fmt_floors(sizes: list[dict[str, Any]]) -> list[str]:
 
 
 # -- reports --------------------------------------------------------------------------------
+#: glibc's ``mallopt`` parameters (malloc.h) and the values the benchmarks pin them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_PIN = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30))
+MALLOC_PINNED = (
+    "glibc malloc pinned (mallopt: blocks below 32 MiB from the heap, none returned to the "
+    "system), so that one row's allocations do not change the page faults of the next"
+)
+
+
+def pin_malloc() -> str:
+    """Pin glibc's malloc thresholds for the rest of the process; what the allocator does now.
+
+    By default glibc serves large blocks with ``mmap`` below a threshold that it moves as blocks
+    are freed, and returns freed heap memory to the system: whether a weight-sized temporary
+    costs a page fault per 4 KiB page (about 1 ms for 4 MiB on the 2-core box) then depends on
+    what the rows timed before it allocated. Interleaved rounds of rows with different
+    allocation patterns then disturb each other (32-sample flipout prediction moved by a
+    quarter with the row before it). Pinned, every row runs as it would in a loop of its own.
+    """
+    if not sys.platform.startswith("linux"):
+        return "allocator defaults (not glibc)"
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "allocator defaults (no glibc mallopt)"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if all(mallopt(param, value) == 1 for param, value in _MALLOC_PIN):
+        return MALLOC_PINNED
+    return "allocator defaults (mallopt refused)"
+
+
+def _malloc_sentence(machine: dict[str, Any]) -> str:
+    """`` <malloc state>.`` for a machine line (nothing for runs that did not record it)."""
+    state = machine.get("malloc")
+    return f" Allocator: {state}." if state else ""
+
+
 def _machine(device: torch.device) -> dict[str, Any]:
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -1352,7 +1390,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         + (f", GPU {m['gpu']}" if device == "cuda" else "")
         + f". {results['config']['rounds']} interleaved rounds per table; float32; "
         f"loss = MSE + KL / {NUM_DATA}; torch.optim.Adam(lr=1e-3) for every row unless "
-        "marked [Adam fused].",
+        "marked [Adam fused]." + _malloc_sentence(m),
         "",
     ]
     load = results.get("load_average")
@@ -1860,7 +1898,7 @@ def render_conv_markdown(results: dict[str, Any]) -> str:
         "rounds per table; float32; 3×3 kernels, padding 1; loss = MSE + KL / "
         f"{NUM_DATA}; torch.optim.Adam(lr=1e-3). varlin's rows: `varlin.VariationalConv2d` "
         "(KL from `varlin.kl_divergence`); inference is one stochastic forward under "
-        "`torch.no_grad()`, `varlin.deterministic` the posterior-mean mode.",
+        "`torch.no_grad()`, `varlin.deterministic` the posterior-mean mode." + _malloc_sentence(m),
         "",
     ]
     if load:
@@ -1959,7 +1997,7 @@ def run_conv(args: argparse.Namespace, device: torch.device, argv: Sequence[str]
     results: dict[str, Any] = {
         "command": ("python benchmarks/speed.py " + shlex.join(argv)).strip(),
         "label": args.label,
-        "machine": _machine(device),
+        "machine": {**_machine(device), "malloc": args.malloc_state},
         "config": {"rounds": rounds, "min_ms": 1e3 * min_seconds, "num_data": NUM_DATA},
         "notes": notes,
         "load_average": {"before": os.getloadavg()[0]},
@@ -2128,7 +2166,7 @@ def render_profile(profile: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"torch {m['torch']}; load average (1 min) {profile['load_average']['before']:.1f} "
         f"before, {profile['load_average']['after']:.1f} after (a shared machine: absolute "
-        "times are inflated).",
+        "times are inflated)." + _malloc_sentence(m),
         "",
         "## Summary",
         "",
@@ -2157,7 +2195,7 @@ def profile_main(args: argparse.Namespace, device: torch.device, argv: Sequence[
     profile = run_profile(sizes, device, seconds=seconds)
     profile.update(
         command=("python benchmarks/speed.py " + shlex.join(argv)).strip(),
-        label=args.label, machine=_machine(device),
+        label=args.label, machine={**_machine(device), "malloc": args.malloc_state},
         load_average={"before": load_before, "after": os.getloadavg()[0]},
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -2242,6 +2280,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="only the per-op profile of the train steps (speed_profile.json and .md)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("pinned", "default"),
+        default="pinned",
+        help="pin glibc's malloc thresholds for the run (pinned, the default) or leave them",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `varlin bench -- --quick ...` passes the separator through
         argv = argv[1:]
@@ -2252,6 +2296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     device = torch.device(args.device)
     _check_variants(args.variants, device)
+    args.malloc_state = pin_malloc() if args.malloc == "pinned" else "allocator defaults"
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -2289,7 +2334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": command.strip(),
         "label": args.label,
-        "machine": _machine(device),
+        "machine": {**_machine(device), "malloc": args.malloc_state},
         "config": {"rounds": rounds, "min_ms": 1e3 * min_seconds, "num_data": NUM_DATA},
         "notes": notes,
         "load_average": {"before": os.getloadavg()[0]},

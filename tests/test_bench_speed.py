@@ -26,7 +26,8 @@ def _run_quick(speed, out: Path, *args: str) -> dict:
     """A --quick run at 16 features, batch 4, without peers; the JSON it wrote."""
     threads = torch.get_num_threads()
     try:
-        speed.main(["--quick", "--sizes", "16:4", "--no-peers", "--out", str(out), *args])
+        speed.main(["--quick", "--sizes", "16:4", "--no-peers", "--malloc", "default", "--out",
+                    str(out), *args])  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the script sets all CPUs; leave the session as it was
     return json.loads((out / "speed.json").read_text())
@@ -40,7 +41,8 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     speed = _load_speed()
     threads = torch.get_num_threads()
     try:
-        speed.main(["--quick", "--sizes", "16:4", "--rounds", "2", "--out", str(tmp_path)])
+        speed.main(["--quick", "--sizes", "16:4", "--rounds", "2", "--malloc", "default", "--out",
+                    str(tmp_path)])  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # the script sets all CPUs; leave the session as it was
 
@@ -110,8 +112,8 @@ def test_quick_conv_run_writes_the_convolution_table(tmp_path: Path) -> None:
     speed = _load_speed()
     threads = torch.get_num_threads()
     try:
-        speed.main(["--conv", "--quick", "--conv-sizes", "4:6:2", "--rounds", "2", "--out",
-                    str(tmp_path)])  # fmt: skip
+        speed.main(["--conv", "--quick", "--conv-sizes", "4:6:2", "--rounds", "2",
+                    "--malloc", "default", "--out", str(tmp_path)])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "speed_conv.json").read_text())
@@ -338,7 +340,26 @@ def test_before_rows_time_a_second_copy_of_varlin_in_the_same_rounds(tmp_path: P
     markdown = (tmp_path / "speed.md").read_text()
     assert "Before and after in the same process: `same code`" in markdown
     with pytest.raises(SystemExit, match="--before: no varlin package in"):
-        speed.main(["--quick", "--before", str(tmp_path), "--out", str(tmp_path)])
+        speed.main(
+            ["--quick", "--before", str(tmp_path), "--malloc", "default", "--out", str(tmp_path)]
+        )
+
+
+def test_pin_malloc_fixes_glibc_thresholds_and_the_pages_say_so(tmp_path: Path) -> None:
+    """In a process of its own (pinning lasts for the process): glibc accepts both values, and
+    a quick run records the allocator state in its JSON and its machine line."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import speed; "
+        "print(speed.pin_malloc() == speed.MALLOC_PINNED)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=SCRIPT.parents[1],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.stdout.strip() == "True"
+    data = _run_quick(_load_speed(), tmp_path, "--rounds", "2", "--no-families")
+    assert data["machine"]["malloc"] == "allocator defaults"
+    assert "Allocator: allocator defaults." in (tmp_path / "speed.md").read_text()
 
 
 def test_profile_flag_writes_per_op_tables(tmp_path: Path) -> None:
@@ -347,7 +368,8 @@ def test_profile_flag_writes_per_op_tables(tmp_path: Path) -> None:
     speed = _load_speed()
     threads = torch.get_num_threads()
     try:
-        speed.main(["--profile", "--quick", "--sizes", "16:4", "--out", str(tmp_path)])
+        speed.main(["--profile", "--quick", "--sizes", "16:4", "--malloc", "default",
+                    "--out", str(tmp_path)])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "speed_profile.json").read_text())
@@ -381,3 +403,4 @@ def test_fit_step_benchmark_writes_its_table_with_a_before_tree(tmp_path: Path) 
     assert row["width"] == 8 and row["ms"] > 0 and row["before_ms"] > 0
     assert row["after_over_before"] > 0
     assert "after / before" in (out / "fit_step.md").read_text()
+    assert result["machine"]["malloc"].startswith(("glibc malloc pinned", "allocator defaults"))

@@ -324,6 +324,23 @@ def test_flipout_slices_get_independent_perturbations() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_sample_slices_without_gradients_give_the_recorded_values(name: str) -> None:
+    """Monte Carlo prediction (no gradient recorded) writes its samples over the noise; the
+    numbers are those of the path that records gradients, bit for bit, for the same seed."""
+    x = torch.randn(3, 4, IN, dtype=F64)
+    p = _posterior()
+    leaf = {k: v.clone().requires_grad_() for k, v in p.items()}
+    recorded = ESTIMATORS[name](
+        x, **leaf, generator=torch.Generator().manual_seed(5), num_weight_samples=3
+    )
+    with torch.no_grad():
+        plain = ESTIMATORS[name](
+            x, **p, generator=torch.Generator().manual_seed(5), num_weight_samples=3
+        )
+    assert recorded.requires_grad and torch.equal(recorded.detach(), plain)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_num_weight_samples_keeps_shape_for_every_estimator(name: str) -> None:
     x = torch.randn(4, 5, IN, dtype=F64)
     y = ESTIMATORS[name](x, **_posterior(), num_weight_samples=4)

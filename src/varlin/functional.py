@@ -205,7 +205,13 @@ def reparameterized_linear(
     in_features, out_features = w_loc.shape
     shape = (s, in_features, out_features)
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
-    weight = torch.addcmul(w_loc, w_scale, eps)
+    # Written over the noise where no gradient is recorded (Monte Carlo prediction): the same
+    # numbers without a second S×in×out tensor (vmap: eps may be narrower than the result).
+    in_place = not (_records_grad(x, w_loc, w_scale) or _plain_ops_only())
+    if in_place:
+        weight = torch.addcmul(w_loc, w_scale, eps, out=eps)
+    else:
+        weight = torch.addcmul(w_loc, w_scale, eps)
     flat = x.reshape(s, -1, in_features)
     y = torch.bmm(flat, weight.to(flat.dtype) if flat.dtype != weight.dtype else weight)
     if b_loc is not None:
@@ -213,7 +219,8 @@ def reparameterized_linear(
         eps_b = torch.randn(
             (s, 1, out_features), generator=generator, device=b_loc.device, dtype=b_loc.dtype
         )
-        y = y + torch.addcmul(b_loc, b_scale, eps_b)
+        bias = torch.addcmul(b_loc, b_scale, eps_b)
+        y = y.add_(bias) if in_place and not _records_grad(b_loc, b_scale) else y + bias
     return y.reshape(*x.shape[:-1], out_features)
 
 
