@@ -54,6 +54,10 @@ convolutions (bayesian-torch ``Conv2dReparameterization``/``Conv2dFlipout``, bli
 ``BayesianConv2d``, torchbnn ``BayesConv2d``), as ratios to ``nn.Conv2d`` in the same rounds,
 each of varlin's train rows also as a ratio to its floor (:class:`ConvFloor`); the load average
 before and after the run is recorded (the machine may be shared).
+
+Every mode pins glibc's malloc thresholds first (:func:`pin_malloc`; ``--malloc default`` leaves
+them): with its moving defaults, whether a row's temporaries cost page faults depends on the rows
+timed before it.
 """
 
 from __future__ import annotations
