@@ -1535,10 +1535,14 @@ _REASONS = {
     ("train", "varlin.lowrank-4"): (
         "as rank 1, with the log-determinant's in×out products k(k+1)/2 = 10 columns wide"
     ),
+    ("train", "varlin.lowrank-16"): (
+        "as rank 1, with the log-determinant's in×out products k(k+1)/2 = 136 columns wide "
+        "and the factors' noise 16 columns wide"
+    ),
     ("train", "varlin.radial"): (
-        "the mean-field step plus the direction's norm (a reduction over in×out normals and "
-        "an in-place rescale), the marginal scales sigma / sqrt(D) for the KL (one pass each "
-        "way) and the split of [W; b]"
+        "the mean-field step (op by op, not varlin._fused's one node) plus the direction's norm "
+        "(a reduction over in×out normals and a rescale), the marginal scales sigma / sqrt(D) "
+        "for the KL (one pass each way) and the split of [W; b]"
     ),
     ("mc", "varlin.reparameterization"): (
         "32 independent weight samples need 32×in×out normals and 32 GEMMs whether drawn in "
@@ -1549,7 +1553,8 @@ _REASONS = {
     ("mc", "varlin.flipout"): (
         "as reparameterization: each of the 32 slices needs its own in×out perturbation (one "
         "shared draw would make a slice's samples share it) and its own GEMM, so the floor row "
-        "under the MC table bounds it too"
+        "under the MC table bounds it too; above that row, flipout draws B×(in + out) signs per "
+        "slice and multiplies the slice's inputs and outputs by them"
     ),
 }
 # What separates each estimator from its floor (issue 17), from the profile (speed_profile.md).
