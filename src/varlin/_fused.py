@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional
-from .functional import _affine, _flip_signs, positive_scale
-from .kl import _fast_path, _kl_sum_grads, _kl_sums_value, normal_kl
+from .functional import _affine, _flip_signs, _plain_ops_only, positive_scale
+from .kl import _broadcasts_to, _kl_sum_grads, _kl_sums_value, normal_kl
 
 __all__: list[str] = []
 
@@ -46,14 +47,21 @@ def fusable(x: Tensor, loc: Tensor, priors: Sequence[tuple[Tensor, Tensor, Tenso
 
     ``priors`` holds ``(posterior loc, prior loc, prior scale)`` for the weights and the bias.
     """
+    device = x.device
     return (
         x.dim() >= 2
         and x.dtype == loc.dtype
-        and x.device == loc.device
+        and device == loc.device
         and x.stride(0) != 0  # a repeated batch (Monte Carlo slices) takes functional's path
-        and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
-        # the KL's closed-form path: not float16, torch.compile or torch.func, prior shapes
-        and all(_fast_path(q, q, p_loc, p_scale) for q, p_loc, p_scale in priors)
+        and not (device.type != "meta" and torch.is_autocast_enabled(device.type))
+        # the KL's closed-form path (kl._fast_path): not float16, torch.compile or torch.func,
+        # priors that broadcast to the posterior
+        and loc.dtype != torch.float16
+        and not _plain_ops_only()
+        and all(
+            _broadcasts_to(p_loc.shape, q.shape) and _broadcasts_to(p_scale.shape, q.shape)
+            for q, p_loc, p_scale in priors
+        )
     )
 
 
@@ -76,12 +84,19 @@ def meanfield_step(
     if b_loc is None:
         b_raw_scale = None
         b_prior = None
-    p_b_loc, p_b_scale = (None, None) if b_prior is None else b_prior
-    out: tuple[Tensor, Tensor] = _MeanFieldStep.apply(
-        _CODES[estimator], generator, x, loc, raw_scale, b_loc, b_raw_scale,
-        w_prior[0], w_prior[1], p_b_loc, p_b_scale,
-    )  # fmt: skip
+    priors = (*w_prior, *((None, None) if b_prior is None else b_prior))
+    code = _CODES[estimator]
+    out: tuple[Tensor, Tensor]
+    if any(p is not None and p.requires_grad for p in priors):  # learned: inputs, for their grads
+        out = _MeanFieldStep.apply(code, generator, None, x, loc, raw_scale, b_loc, b_raw_scale,
+                                   *priors)  # fmt: skip
+    else:  # fixed priors ride along as constants: no graph edges, nothing saved for them
+        out = _MeanFieldStep.apply(code, generator, priors, x, loc, raw_scale, b_loc, b_raw_scale)
     return out
+
+
+#: :func:`varlin.functional.positive_scale`'s floor, per dtype (float16 never comes here).
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float64, torch.bfloat16)}
 
 
 class _MeanFieldStep(torch.autograd.Function):
@@ -90,26 +105,31 @@ class _MeanFieldStep(torch.autograd.Function):
         ctx: Any,
         code: int,
         generator: torch.Generator | None,
+        constant_priors: tuple[Tensor | None, ...] | None,
         x: Tensor,
         loc: Tensor,
         raw: Tensor,
         b_loc: Tensor | None,
         b_raw: Tensor | None,
-        p_loc: Tensor,
-        p_scale: Tensor,
-        p_b_loc: Tensor | None,
-        p_b_scale: Tensor | None,
+        *prior_inputs: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
+        # The priors (loc, scale, bias loc, bias scale): constants, or inputs when learned.
+        ctx.constant_priors = constant_priors
+        p_loc, p_scale, p_b_loc, p_b_scale = (
+            prior_inputs if constant_priors is None else constant_priors
+        )
         ctx.set_materialize_grads(False)
-        scale = positive_scale(raw)
-        b_scale = None if b_raw is None else positive_scale(b_raw)
+        # positive_scale, as it is for every dtype that comes here (not float16)
+        tiny = _TINY[raw.dtype]
+        scale = F.softplus(raw).add_(tiny)
+        b_scale = None if b_raw is None else F.softplus(b_raw).add_(tiny)
         # The KL first, while the scales just written are in the cache.
         groups = [(loc, scale, p_loc, p_scale)]
         if b_loc is not None:
             assert b_scale is not None and p_b_loc is not None and p_b_scale is not None
             groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
-        kl, ctx.scalars = _kl_sums_value(groups)
-        x2d = x.reshape(-1, x.shape[-1])
+        kl, ctx.scalars = _kl_sums_value(groups)  # type: ignore[arg-type]
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         rand: dict[str, Any] = {"device": loc.device, "dtype": loc.dtype}
         if generator is not None:
             rand["generator"] = generator
@@ -119,11 +139,12 @@ class _MeanFieldStep(torch.autograd.Function):
             weight = torch.addcmul(loc, scale, eps)
             bias = None
             if b_loc is not None:
-                assert b_scale is not None
                 eps_b = torch.randn(b_loc.shape, **rand)
-                bias = torch.addcmul(b_loc, b_scale, eps_b)
+                bias = torch.addcmul(b_loc, b_scale, eps_b)  # type: ignore[arg-type]
             y = _affine(x2d, weight, bias)
-            saved: tuple[Tensor | None, ...] = (eps, weight)
+            saved: tuple[Tensor | None, ...] = (
+                eps, weight if x.requires_grad else None, None, None, None
+            )  # fmt: skip
         elif code == 1:  # local reparameterization: sample each pre-activation
             mean = _affine(x2d, loc, b_loc)
             x2 = x2d * x2d
@@ -150,10 +171,9 @@ class _MeanFieldStep(torch.autograd.Function):
         ctx.code = code
         ctx.x_shape = x.shape
         ctx.save_for_backward(
-            x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
-            p_loc, p_scale, p_b_loc, p_b_scale, *saved,
+            x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b, *saved, *prior_inputs
         )  # fmt: skip
-        return y.view(*x.shape[:-1], loc.shape[1]), kl
+        return (y if x.dim() == 2 else y.view(*x.shape[:-1], loc.shape[1])), kl
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor | None, grad_kl: Tensor | None) -> tuple[Any, ...]:
@@ -162,16 +182,15 @@ class _MeanFieldStep(torch.autograd.Function):
             # tensors the forward made without a graph, so differentiate a recomputation.
             return _recomputed_backward(ctx, grad_y, grad_kl)
         (x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
-         p_loc, p_scale, p_b_loc, p_b_scale, *saved) = ctx.saved_tensors  # fmt: skip
-        x2d = x.reshape(-1, x.shape[-1])
-        needs = ctx.needs_input_grad
-        need_x = needs[2]
+         s0, s1, s2, s3, s4, *prior_inputs) = ctx.saved_tensors  # fmt: skip
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        needs = ctx.needs_input_grad  # (code, generator, priors, x, loc, raw, b_loc, b_raw, ...)
         g_x = g_loc = g_scale = g_b_loc = g_b_scale = None
         if grad_y is not None:
-            g = grad_y.reshape(-1, loc.shape[1])
+            g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, loc.shape[1])
             if ctx.code == 0:
-                eps, weight = saved
-                if need_x:
+                eps, weight = s0, s1
+                if needs[3]:
                     g_x = g.mm(weight.t())
                 g_loc = x2d.t().mm(g)
                 g_scale = g_loc * eps
@@ -182,16 +201,16 @@ class _MeanFieldStep(torch.autograd.Function):
                 # Both add noise * factor to the mean map: local's sqrt(x^2 sigma^2 + sigma_b^2)
                 # * eps, flipout's ((x * r) (sigma * eps) + sigma_b * eps_b) * s.
                 if ctx.code == 1:
-                    eps, x2, s2, var, std = saved
+                    eps, x2, s2_, var, std = s0, s1, s2, s3, s4
                     # 2 dL/dvar = (dL/dy * eps) / std, zero where the variance was clamped.
                     tiny = torch.finfo(var.dtype).tiny
                     g_noise = torch.mul(g, eps).div_(std).masked_fill_(var < tiny, 0)
-                    through, x_factor, rows, w_factor, b_factor = s2, x2d, x2, scale, b_scale
+                    through, x_factor, rows, w_factor, b_factor = s2_, x2d, x2, scale, b_scale
                 else:
-                    eps, delta_w, xs, sign_in, sign_out = saved
+                    eps, delta_w, xs, sign_in, sign_out = s0, s1, s2, s3, s4
                     g_noise = g * sign_out
                     through, x_factor, rows, w_factor, b_factor = delta_w, sign_in, xs, eps, eps_b
-                if need_x:
+                if needs[3]:
                     g_x = g.mm(loc.t()).add_(g_noise.mm(through.t()).mul_(x_factor))
                 g_loc = x2d.t().mm(g)
                 g_scale = rows.t().mm(g_noise).mul_(w_factor)
@@ -200,25 +219,58 @@ class _MeanFieldStep(torch.autograd.Function):
                     g_b_scale = g_noise.sum(0).mul_(b_factor)
         g_p: list[Tensor | None] = [None, None, None, None]
         if grad_kl is not None:
-            g_loc, g_scale, g_p[0], g_p[1] = _add_kl_grads(
-                grad_kl, g_loc, g_scale, loc, scale, p_loc, p_scale, ctx.scalars[0],
-                (needs[3], needs[4], needs[7], needs[8]),
-            )  # fmt: skip
-            if b_loc is not None:
-                g_b_loc, g_b_scale, g_p[2], g_p[3] = _add_kl_grads(
-                    grad_kl, g_b_loc, g_b_scale, b_loc, b_scale, p_b_loc, p_b_scale,
-                    ctx.scalars[1], (needs[5], needs[6], needs[9], needs[10]),
+            scalars = ctx.scalars
+            if (
+                ctx.constant_priors is not None
+                and g_loc is not None
+                and g_scale is not None
+                and all(n is not None for n in scalars)
+            ):
+                # Fixed one-entry priors N(m, s^2) (the default): the KL's gradients added in
+                # place, c (mu - m) / s^2 and c (sigma / s^2 - 1 / sigma).
+                c = float(grad_kl)
+                _add_scalar_kl_grads(c, g_loc, g_scale, loc, scale, scalars[0])
+                if b_loc is not None:
+                    assert g_b_loc is not None and g_b_scale is not None and b_scale is not None
+                    _add_scalar_kl_grads(c, g_b_loc, g_b_scale, b_loc, b_scale, scalars[1])
+            else:
+                p_loc, p_scale, p_b_loc, p_b_scale = (
+                    prior_inputs if ctx.constant_priors is None else ctx.constant_priors
+                )
+                learned = ctx.constant_priors is None
+                g_loc, g_scale, g_p[0], g_p[1] = _add_kl_grads(
+                    grad_kl, g_loc, g_scale, loc, scale, p_loc, p_scale, scalars[0],
+                    (needs[4], needs[5], learned and needs[8], learned and needs[9]),
                 )  # fmt: skip
+                if b_loc is not None:
+                    g_b_loc, g_b_scale, g_p[2], g_p[3] = _add_kl_grads(
+                        grad_kl, g_b_loc, g_b_scale, b_loc, b_scale, p_b_loc, p_b_scale,
+                        scalars[1], (needs[6], needs[7], learned and needs[10],
+                                     learned and needs[11]),
+                    )  # fmt: skip
         g_raw = None if g_scale is None else _softplus_backward(g_scale, raw)
         g_b_raw = None if g_b_scale is None else _softplus_backward(g_b_scale, b_raw)
-        if g_x is not None:
+        if g_x is not None and x.dim() != 2:
             g_x = g_x.view(ctx.x_shape)
-        return (
-            None, None, g_x,
-            g_loc if needs[3] else None, g_raw if needs[4] else None,
-            g_b_loc if needs[5] else None, g_b_raw if needs[6] else None,
-            *g_p,
+        grads = (
+            None, None, None, g_x,
+            g_loc if needs[4] else None, g_raw if needs[5] else None,
+            g_b_loc if needs[6] else None, g_b_raw if needs[7] else None,
         )  # fmt: skip
+        return grads if ctx.constant_priors is not None else (*grads, *g_p)
+
+
+def _add_scalar_kl_grads(
+    c: float, g_loc: Tensor, g_scale: Tensor, loc: Tensor, scale: Tensor, prior: Any
+) -> None:
+    """``g_loc += c (loc - m) / s^2`` and ``g_scale += c (scale / s^2 - 1 / scale)``, in place."""
+    m, s = prior
+    a = c / (s * s)
+    if m == 0.0:
+        g_loc.add_(loc, alpha=a)
+    else:
+        g_loc.add_(loc - m, alpha=a)
+    g_scale.add_(scale, alpha=a).sub_(torch.reciprocal(scale), alpha=c)
 
 
 def _recomputed_backward(
@@ -226,8 +278,11 @@ def _recomputed_backward(
 ) -> tuple[Any, ...]:
     """The gradients by autograd through the step's plain operations, with the forward's noise:
     differentiable again (for ``create_graph=True``), and the same values to rounding."""
-    (x, loc, raw, _, b_loc, b_raw, _, eps_b,
-     p_loc, p_scale, p_b_loc, p_b_scale, *saved) = ctx.saved_tensors  # fmt: skip
+    (x, loc, raw, _, b_loc, b_raw, _, eps_b, *saved) = ctx.saved_tensors  # fmt: skip
+    saved, prior_inputs = saved[:5], saved[5:]
+    p_loc, p_scale, p_b_loc, p_b_scale = (
+        prior_inputs if ctx.constant_priors is None else ctx.constant_priors
+    )
     scale = positive_scale(raw)
     b_scale = None if b_raw is None else positive_scale(b_raw)
     x2d = x.reshape(-1, x.shape[-1])
@@ -246,8 +301,9 @@ def _recomputed_backward(
     kl = normal_kl(loc, scale, p_loc, p_scale).sum()
     if b_loc is not None and b_scale is not None:
         kl = kl + normal_kl(b_loc, b_scale, p_b_loc, p_b_scale).sum()
-    inputs = (x, loc, raw, b_loc, b_raw, p_loc, p_scale, p_b_loc, p_b_scale)
-    wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+    learned = ctx.constant_priors is None
+    inputs = (x, loc, raw, b_loc, b_raw, *((p_loc, p_scale, p_b_loc, p_b_scale) if learned else ()))
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
     outputs, grads = [], []
     for out, grad in ((y, grad_y), (kl, grad_kl)):
         if grad is not None:
@@ -259,7 +315,7 @@ def _recomputed_backward(
     result: list[Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wanted, found, strict=True):
         result[i] = grad
-    return (None, None, *result)
+    return (None, None, None, *result)
 
 
 def _add_kl_grads(
@@ -282,11 +338,7 @@ def _add_kl_grads(
     :func:`varlin.kl._kl_sum_grads`' tensors are added.
     """
     if scalars is not None and g_loc is not None and g_scale is not None and not any(needs[2:]):
-        m, s = scalars
-        c = float(grad)
-        a = c / (s * s)
-        g_loc = g_loc.add_(loc, alpha=a) if m == 0.0 else g_loc.add_(loc - m, alpha=a)
-        g_scale = g_scale.add_(scale, alpha=a).sub_(torch.reciprocal(scale), alpha=c)
+        _add_scalar_kl_grads(float(grad), g_loc, g_scale, loc, scale, scalars)
         return g_loc, g_scale, None, None
     kl = _kl_sum_grads(grad, loc, scale, p_loc, p_scale, scalars, needs)
     return _add(g_loc, kl[0]), _add(g_scale, kl[1]), kl[2], kl[3]

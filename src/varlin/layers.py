@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -328,27 +328,32 @@ class BayesianLinearBase(nn.Module):
         """``(y, KL)`` in one autograd node for a sampling mean-field layer with Normal priors
         (:mod:`varlin._fused`: the same values, a lean backward), the KL kept for
         :func:`recording_kl` if ``record``; ``None`` where it does not apply."""
-        family, bias = self.w_posterior, self.b_posterior
+        modules = self._modules  # per step: not nn.Module's attribute lookup, four times
+        family = modules["w_posterior"]
+        bias = cast("MeanFieldNormal | None", modules.get("b_posterior"))
+        w_prior_module = cast(_priors.Prior, modules["w_prior"])
+        b_prior_module = cast("_priors.Prior | None", modules.get("b_prior"))
         if (
             type(family) is not MeanFieldNormal
             or self._use_mean
             or self._num_weight_samples is not None
-            or self.w_prior.distribution_type is not Normal
-            or (self.b_prior is not None and self.b_prior.distribution_type is not Normal)
+            or w_prior_module.distribution_type is not Normal
+            or (b_prior_module is not None and b_prior_module.distribution_type is not Normal)
         ):
             return None
-        w_prior = (self.w_prior.tensor("loc"), self.w_prior.tensor("scale"))
-        checks = [(family.loc, *w_prior)]
-        b_prior = None
-        if bias is not None and self.b_prior is not None:
-            b_prior = (self.b_prior.tensor("loc"), self.b_prior.tensor("scale"))
-            checks.append((bias.loc, *b_prior))
-        if not _fused.fusable(x, family.loc, checks):
+        loc = family.loc
+        w_prior = (w_prior_module.tensor("loc"), w_prior_module.tensor("scale"))
+        checks = [(loc, *w_prior)]
+        b_prior = b_loc = b_raw = None
+        if bias is not None and b_prior_module is not None:
+            b_prior = (b_prior_module.tensor("loc"), b_prior_module.tensor("scale"))
+            b_loc, b_raw = bias.loc, bias.raw_scale
+            checks.append((b_loc, *b_prior))
+        if not _fused.fusable(x, loc, checks):
             return None
         y, kl = _fused.meanfield_step(
-            self.estimator, x, family.loc, family.raw_scale,
-            None if bias is None else bias.loc, None if bias is None else bias.raw_scale,
-            w_prior, b_prior, self.generator,
+            self.estimator, x, loc, family.raw_scale, b_loc, b_raw, w_prior, b_prior,
+            self.generator,
         )  # fmt: skip
         if record:
             assert self._kl_record is not None
