@@ -410,9 +410,9 @@ def default_optimizer(params: Sequence[Tensor], lr: float) -> torch.optim.Optimi
     fused kernel where it has one for the parameters (the CPU from torch 2.4, CUDA).
 
     The fused kernel updates every parameter in one call instead of a dozen operations per
-    tensor, the same update to float rounding: on the 2-core CPU box a ``fit`` step of a small
-    MLP takes 13–14% less time at widths 64 to 1024 (``benchmarks/fit_step.py``). Where torch
-    refuses it (an older torch on the CPU, another device) the plain Adam runs.
+    tensor, the same update to float rounding (on the 2-core CPU box a ``fit`` step of a small
+    MLP took 13–14% less time at widths 64 to 1024 with it, ``benchmarks/fit_step.py``). Where
+    torch refuses it (an older torch on the CPU, another device) the plain Adam runs.
     """
     params = list(params)
     try:
