@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional
@@ -95,10 +94,6 @@ def meanfield_step(
     return out
 
 
-#: :func:`varlin.functional.positive_scale`'s floor, per dtype (float16 never comes here).
-_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float64, torch.bfloat16)}
-
-
 class _MeanFieldStep(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -118,17 +113,16 @@ class _MeanFieldStep(torch.autograd.Function):
         p_loc, p_scale, p_b_loc, p_b_scale = (
             prior_inputs if constant_priors is None else constant_priors
         )
+        assert p_loc is not None and p_scale is not None
         ctx.set_materialize_grads(False)
-        # positive_scale, as it is for every dtype that comes here (not float16)
-        tiny = _TINY[raw.dtype]
-        scale = F.softplus(raw).add_(tiny)
-        b_scale = None if b_raw is None else F.softplus(b_raw).add_(tiny)
+        scale = positive_scale(raw)
+        b_scale = None if b_raw is None else positive_scale(b_raw)
         # The KL first, while the scales just written are in the cache.
         groups = [(loc, scale, p_loc, p_scale)]
         if b_loc is not None:
             assert b_scale is not None and p_b_loc is not None and p_b_scale is not None
             groups.append((b_loc, b_scale, p_b_loc, p_b_scale))
-        kl, ctx.scalars = _kl_sums_value(groups)  # type: ignore[arg-type]
+        kl, ctx.scalars = _kl_sums_value(groups)
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         rand: dict[str, Any] = {"device": loc.device, "dtype": loc.dtype}
         if generator is not None:
@@ -139,8 +133,9 @@ class _MeanFieldStep(torch.autograd.Function):
             weight = torch.addcmul(loc, scale, eps)
             bias = None
             if b_loc is not None:
+                assert b_scale is not None
                 eps_b = torch.randn(b_loc.shape, **rand)
-                bias = torch.addcmul(b_loc, b_scale, eps_b)  # type: ignore[arg-type]
+                bias = torch.addcmul(b_loc, b_scale, eps_b)
             y = _affine(x2d, weight, bias)
             saved: tuple[Tensor | None, ...] = (
                 eps, weight if x.requires_grad else None, None, None, None
