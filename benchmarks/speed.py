@@ -576,12 +576,17 @@ class Floor:
         g_sigma.add_(sigma, alpha=c).sub_(torch.reciprocal(sigma), alpha=c)
         return g_mu.add_(mu, alpha=c), g_sigma.mul_(torch.sigmoid(rho))
 
-    def loss_and_grads(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The train step's loss and its gradients for (mu, rho, mu_b, rho_b)."""
+    def _step_start(self) -> tuple[torch.Generator | None, dict[str, Any], Tensor, Tensor]:
+        """The generator, its ``generator=`` keyword for the draws, and the scales
+        ``softplus(rho)``, ``softplus(rho_b)``: what every estimator's step starts with."""
         gen = self.generator
         kwargs: dict[str, Any] = {} if gen is None else {"generator": gen}
+        return gen, kwargs, F.softplus(self.rho), F.softplus(self.rho_b)
+
+    def loss_and_grads(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The train step's loss and its gradients for (mu, rho, mu_b, rho_b)."""
+        gen, kwargs, sigma, sb = self._step_start()
         mu, mu_b = self.mu, self.mu_b
-        sigma, sb = F.softplus(self.rho), F.softplus(self.rho_b)
         if self.estimator == "local":
             x2 = x * x
             mean = torch.addmm(mu_b, x, mu)
@@ -681,10 +686,8 @@ class ConvFloor(Floor):
         return g_w, g_b
 
     def loss_and_grads(self, x: Tensor, t: Tensor) -> tuple[Tensor, list[Tensor]]:
-        gen = self.generator
-        kwargs: dict[str, Any] = {} if gen is None else {"generator": gen}
+        gen, kwargs, sigma, sb = self._step_start()
         mu, mu_b = self.mu, self.mu_b
-        sigma, sb = F.softplus(self.rho), F.softplus(self.rho_b)
         if self.estimator == "local":
             x2 = x * x
             mean = F.conv2d(x, mu, mu_b, padding=1)

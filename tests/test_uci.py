@@ -217,7 +217,7 @@ def _stacked_and_fitted(
                 likelihood=ref_lik,
                 epochs=cfg.epochs,
                 batch_size=n,
-                optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr, fused=True),
+                lr=cfg.lr,
                 progress=False,
             )
         got = dict(model.named_parameters()) | dict(lik.named_parameters())

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from . import functional
-from .functional import _affine, _flip_signs, _plain_ops_only, positive_scale
-from .kl import _broadcasts_to, _kl_sum_grads, _kl_sums_value, normal_kl
+from .functional import _affine, _flip_signs, positive_scale
+from .kl import _fast_path, _kl_sum_grads, _kl_sums_value, normal_kl
 
 __all__: list[str] = []
 
@@ -46,21 +46,14 @@ def fusable(x: Tensor, loc: Tensor, priors: Sequence[tuple[Tensor, Tensor, Tenso
 
     ``priors`` holds ``(posterior loc, prior loc, prior scale)`` for the weights and the bias.
     """
-    device = x.device
     return (
         x.dim() >= 2
         and x.dtype == loc.dtype
-        and device == loc.device
+        and x.device == loc.device
         and x.stride(0) != 0  # a repeated batch (Monte Carlo slices) takes functional's path
-        and not (device.type != "meta" and torch.is_autocast_enabled(device.type))
-        # the KL's closed-form path (kl._fast_path): not float16, torch.compile or torch.func,
-        # priors that broadcast to the posterior
-        and loc.dtype != torch.float16
-        and not _plain_ops_only()
-        and all(
-            _broadcasts_to(p_loc.shape, q.shape) and _broadcasts_to(p_scale.shape, q.shape)
-            for q, p_loc, p_scale in priors
-        )
+        and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))
+        # the KL's closed-form path: not float16, torch.compile or torch.func, prior shapes
+        and all(_fast_path(q, q, p_loc, p_scale) for q, p_loc, p_scale in priors)
     )
 
 
@@ -177,14 +170,15 @@ class _MeanFieldStep(torch.autograd.Function):
             # tensors the forward made without a graph, so differentiate a recomputation.
             return _recomputed_backward(ctx, grad_y, grad_kl)
         (x, loc, raw, scale, b_loc, b_raw, b_scale, eps_b,
-         s0, s1, s2, s3, s4, *prior_inputs) = ctx.saved_tensors  # fmt: skip
+         *saved) = ctx.saved_tensors  # fmt: skip
+        saved, prior_inputs = saved[:5], saved[5:]  # the estimator's five slots, then priors
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         needs = ctx.needs_input_grad  # (code, generator, priors, x, loc, raw, b_loc, b_raw, ...)
         g_x = g_loc = g_scale = g_b_loc = g_b_scale = None
         if grad_y is not None:
             g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, loc.shape[1])
             if ctx.code == 0:
-                eps, weight = s0, s1
+                eps, weight = saved[:2]
                 if needs[3]:
                     g_x = g.mm(weight.t())
                 g_loc = x2d.t().mm(g)
@@ -196,13 +190,13 @@ class _MeanFieldStep(torch.autograd.Function):
                 # Both add noise * factor to the mean map: local's sqrt(x^2 sigma^2 + sigma_b^2)
                 # * eps, flipout's ((x * r) (sigma * eps) + sigma_b * eps_b) * s.
                 if ctx.code == 1:
-                    eps, x2, s2_, var, std = s0, s1, s2, s3, s4
+                    eps, x2, s2, var, std = saved
                     # 2 dL/dvar = (dL/dy * eps) / std, zero where the variance was clamped.
                     tiny = torch.finfo(var.dtype).tiny
                     g_noise = torch.mul(g, eps).div_(std).masked_fill_(var < tiny, 0)
-                    through, x_factor, rows, w_factor, b_factor = s2_, x2d, x2, scale, b_scale
+                    through, x_factor, rows, w_factor, b_factor = s2, x2d, x2, scale, b_scale
                 else:
-                    eps, delta_w, xs, sign_in, sign_out = s0, s1, s2, s3, s4
+                    eps, delta_w, xs, sign_in, sign_out = saved
                     g_noise = g * sign_out
                     through, x_factor, rows, w_factor, b_factor = delta_w, sign_in, xs, eps, eps_b
                 if needs[3]:
@@ -214,35 +208,18 @@ class _MeanFieldStep(torch.autograd.Function):
                     g_b_scale = g_noise.sum(0).mul_(b_factor)
         g_p: list[Tensor | None] = [None, None, None, None]
         if grad_kl is not None:
-            scalars = ctx.scalars
-            if (
-                ctx.constant_priors is not None
-                and g_loc is not None
-                and g_scale is not None
-                and all(n is not None for n in scalars)
-            ):
-                # Fixed one-entry priors N(m, s^2) (the default): the KL's gradients added in
-                # place, c (mu - m) / s^2 and c (sigma / s^2 - 1 / sigma).
-                c = float(grad_kl)
-                _add_scalar_kl_grads(c, g_loc, g_scale, loc, scale, scalars[0])
-                if b_loc is not None:
-                    assert g_b_loc is not None and g_b_scale is not None and b_scale is not None
-                    _add_scalar_kl_grads(c, g_b_loc, g_b_scale, b_loc, b_scale, scalars[1])
-            else:
-                p_loc, p_scale, p_b_loc, p_b_scale = (
-                    prior_inputs if ctx.constant_priors is None else ctx.constant_priors
-                )
-                learned = ctx.constant_priors is None
-                g_loc, g_scale, g_p[0], g_p[1] = _add_kl_grads(
-                    grad_kl, g_loc, g_scale, loc, scale, p_loc, p_scale, scalars[0],
-                    (needs[4], needs[5], learned and needs[8], learned and needs[9]),
+            learned = ctx.constant_priors is None
+            p_loc, p_scale, p_b_loc, p_b_scale = _prior_tensors(ctx, prior_inputs)
+            p_needs = tuple(needs[8:12]) if learned else (False,) * 4
+            g_loc, g_scale, g_p[0], g_p[1] = _add_kl_grads(
+                grad_kl, g_loc, g_scale, loc, scale, p_loc, p_scale, ctx.scalars[0],
+                (needs[4], needs[5], *p_needs[:2]),
+            )  # fmt: skip
+            if b_loc is not None:
+                g_b_loc, g_b_scale, g_p[2], g_p[3] = _add_kl_grads(
+                    grad_kl, g_b_loc, g_b_scale, b_loc, b_scale, p_b_loc, p_b_scale,
+                    ctx.scalars[1], (needs[6], needs[7], *p_needs[2:]),
                 )  # fmt: skip
-                if b_loc is not None:
-                    g_b_loc, g_b_scale, g_p[2], g_p[3] = _add_kl_grads(
-                        grad_kl, g_b_loc, g_b_scale, b_loc, b_scale, p_b_loc, p_b_scale,
-                        scalars[1], (needs[6], needs[7], learned and needs[10],
-                                     learned and needs[11]),
-                    )  # fmt: skip
         g_raw = None if g_scale is None else _softplus_backward(g_scale, raw)
         g_b_raw = None if g_b_scale is None else _softplus_backward(g_b_scale, b_raw)
         if g_x is not None and x.dim() != 2:
@@ -255,17 +232,10 @@ class _MeanFieldStep(torch.autograd.Function):
         return grads if ctx.constant_priors is not None else (*grads, *g_p)
 
 
-def _add_scalar_kl_grads(
-    c: float, g_loc: Tensor, g_scale: Tensor, loc: Tensor, scale: Tensor, prior: Any
-) -> None:
-    """``g_loc += c (loc - m) / s^2`` and ``g_scale += c (scale / s^2 - 1 / scale)``, in place."""
-    m, s = prior
-    a = c / (s * s)
-    if m == 0.0:
-        g_loc.add_(loc, alpha=a)
-    else:
-        g_loc.add_(loc - m, alpha=a)
-    g_scale.add_(scale, alpha=a).sub_(torch.reciprocal(scale), alpha=c)
+def _prior_tensors(ctx: Any, prior_inputs: Sequence[Tensor | None]) -> tuple[Any, ...]:
+    """``(p_loc, p_scale, p_b_loc, p_b_scale)``: the saved inputs of a learned prior, or the
+    constants the forward was given."""
+    return tuple(prior_inputs) if ctx.constant_priors is None else ctx.constant_priors
 
 
 def _recomputed_backward(
@@ -275,9 +245,7 @@ def _recomputed_backward(
     differentiable again (for ``create_graph=True``), and the same values to rounding."""
     (x, loc, raw, _, b_loc, b_raw, _, eps_b, *saved) = ctx.saved_tensors  # fmt: skip
     saved, prior_inputs = saved[:5], saved[5:]
-    p_loc, p_scale, p_b_loc, p_b_scale = (
-        prior_inputs if ctx.constant_priors is None else ctx.constant_priors
-    )
+    p_loc, p_scale, p_b_loc, p_b_scale = _prior_tensors(ctx, prior_inputs)
     scale = positive_scale(raw)
     b_scale = None if b_raw is None else positive_scale(b_raw)
     x2d = x.reshape(-1, x.shape[-1])
@@ -333,7 +301,11 @@ def _add_kl_grads(
     :func:`varlin.kl._kl_sum_grads`' tensors are added.
     """
     if scalars is not None and g_loc is not None and g_scale is not None and not any(needs[2:]):
-        _add_scalar_kl_grads(float(grad), g_loc, g_scale, loc, scale, scalars)
+        m, s = scalars
+        c = float(grad)
+        a = c / (s * s)
+        g_loc = g_loc.add_(loc, alpha=a) if m == 0.0 else g_loc.add_(loc - m, alpha=a)
+        g_scale = g_scale.add_(scale, alpha=a).sub_(torch.reciprocal(scale), alpha=c)
         return g_loc, g_scale, None, None
     kl = _kl_sum_grads(grad, loc, scale, p_loc, p_scale, scalars, needs)
     return _add(g_loc, kl[0]), _add(g_scale, kl[1]), kl[2], kl[3]

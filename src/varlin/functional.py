@@ -207,7 +207,8 @@ def reparameterized_linear(
     eps = torch.randn(shape, generator=generator, device=w_loc.device, dtype=w_loc.dtype)
     # Written over the noise where no gradient is recorded (Monte Carlo prediction): the same
     # numbers without a second S×in×out tensor (vmap: eps may be narrower than the result).
-    in_place = not (_records_grad(x, w_loc, w_scale) or _plain_ops_only())
+    given = [t for t in (x, w_loc, w_scale, b_loc, b_scale) if t is not None]
+    in_place = not (_records_grad(*given) or _plain_ops_only())
     if in_place:
         weight = torch.addcmul(w_loc, w_scale, eps, out=eps)
     else:
@@ -220,7 +221,7 @@ def reparameterized_linear(
             (s, 1, out_features), generator=generator, device=b_loc.device, dtype=b_loc.dtype
         )
         bias = torch.addcmul(b_loc, b_scale, eps_b)
-        y = y.add_(bias) if in_place and not _records_grad(b_loc, b_scale) else y + bias
+        y = y.add_(bias) if in_place else y + bias
     return y.reshape(*x.shape[:-1], out_features)
 
 

@@ -368,14 +368,6 @@ def _init(split: SplitArrays, config: UCIConfig) -> tuple[nn.Sequential, Likelih
     return build_model(split.X_train.shape[1], config), build_likelihood(config)
 
 
-def _adam(lr: float) -> Any:
-    def make(params: list[Tensor]) -> torch.optim.Optimizer:
-        # fused: one kernel for all parameters; the per-step cost of tiny models is overhead.
-        return torch.optim.Adam(params, lr=lr, fused=True)
-
-    return make
-
-
 def score(
     model: nn.Module, likelihood: Likelihood, split: SplitArrays, config: UCIConfig
 ) -> tuple[float, float, float]:
@@ -446,7 +438,7 @@ def run_split(split: SplitArrays, config: UCIConfig) -> SplitResult:
             likelihood=likelihood,
             epochs=config.epochs,
             batch_size=config.batch_size,
-            optimizer=_adam(config.lr),
+            lr=config.lr,  # the default optimiser: Adam, fused where torch has it
             seed=_seed(config, split.index),
             progress=False,
             method=config.method,
@@ -478,7 +470,7 @@ def _train_together(
             likelihoods=[likelihood for _, likelihood in built],
             epochs=config.epochs,
             batch_size=config.batch_size,
-            optimizer=_adam(config.lr),
+            lr=config.lr,  # the default optimiser: Adam, fused where torch has it
             seeds=[_seed(config, s.index) for s in splits],
             progress=False,
             method=config.method,
